@@ -1,0 +1,74 @@
+"""What the search and the Lightning module may ask of a quantized model, whatever its family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.layers import QLinear
+from evolq_pl.quant.modes import quantizers
+from evolq_pl.quant.quantizer import FakeQuantizer
+
+
+@dataclass(frozen=True)
+class SearchBlock:
+    """One unit of the search: a name and the QLinear layers whose weight scales it perturbs."""
+
+    name: str
+    layers: tuple[QLinear, ...]
+
+    @property
+    def bits(self) -> int:
+        """Bit width that picks ε: the block's output projection, as the reference (§2.1)."""
+        return self.layers[-1].weight_quantizer.bit_type.bits
+
+
+class QuantizedModel(nn.Module):
+    """A timm classifier with fake quantizers at the reference's tensor map.
+
+    Families implement ``forward_to(i, x)`` (the input of search block ``i``, i.e. everything before it) and
+    ``forward_from(i, h)`` (logits from that input), so a candidate for block ``i`` only reruns the suffix.
+    """
+
+    model_name: str
+    qconfig: QuantConfig
+
+    def search_blocks(self) -> list[SearchBlock]:
+        raise NotImplementedError
+
+    def forward_to(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quant_map(self) -> list[dict[str, str]]:
+        """Every quantized tensor: where, what kind, bits, granularity, observer (users ask what is quantized)."""
+        rows = []
+        for name, q in quantizers(self):
+            kind = "weight" if name.endswith("weight_quantizer") else "activation"
+            rows.append({
+                "tensor": name.removesuffix(".weight_quantizer").removesuffix(".quantizer"),
+                "kind": kind,
+                "quantizer": "uniform" if isinstance(q, FakeQuantizer) else "log2",
+                "bits": q.bit_type.name,
+                "granularity": q.granularity,
+                "observer": q.observer_name,
+                "bias_correction": "yes" if kind == "weight" and self.get_submodule(
+                    name.removesuffix(".weight_quantizer")).bias_correction else "",
+            })
+        return rows
+
+    def format_quant_map(self) -> str:
+        """The quantization map as a plain-text table (printed before a run and saved beside results)."""
+        rows = self.quant_map()
+        cols = list(rows[0]) if rows else []
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        line = "  ".join(c.ljust(widths[c]) for c in cols)
+        out = [f"# quantization map of {self.model_name}: {len(rows)} quantizers, {self.qconfig}", line,
+               "  ".join("-" * widths[c] for c in cols)]
+        out += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
+        return "\n".join(out)

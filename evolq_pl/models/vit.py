@@ -1,0 +1,192 @@
+"""ViT and DeiT (timm ``VisionTransformer``) with quantizers at the reference's tensor map (§1.8).
+
+timm is not forked: its Linear/Conv/LayerNorm parameters are taken over (shared) by quantized layers, and the
+attention and block forwards are re-owned here because timm's fused attention hides the softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from evolq_pl.models.base import QuantizedModel, SearchBlock
+from evolq_pl.models.registry import register_family
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
+from evolq_pl.quant.quantizer import FakeQuantizer
+
+
+def act_quantizer(cfg: QuantConfig) -> FakeQuantizer:
+    """Per-tensor activation quantizer (A in the tensor map)."""
+    return FakeQuantizer(cfg.act_type, cfg.act_observer)
+
+
+def ptf_quantizer(cfg: QuantConfig, channels: int, dim: int = -1) -> FakeQuantizer:
+    """Channel-wise PTF quantizer of residual sums / LayerNorm inputs, or a plain A quantizer without PTF."""
+    if cfg.ptf:
+        return FakeQuantizer(cfg.act_type, "ptf", channels=channels, dim=dim)
+    return act_quantizer(cfg)
+
+
+def qlinear(linear: nn.Linear, cfg: QuantConfig) -> QLinear:
+    return QLinear.from_float(linear, cfg.weight_type, cfg.weight_observer, cfg.bias_correction)
+
+
+class QAttention(nn.Module):
+    """Multi-head self-attention with quantized qkv, scores, softmax, attn·v and projection."""
+
+    def __init__(self, attn: Attention, cfg: QuantConfig) -> None:
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise ValueError("gated attention is not supported by the quantized ViT")
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.qkv = qlinear(attn.qkv, cfg)
+        self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
+        self.proj = qlinear(attn.proj, cfg)
+        self.q_qkv = act_quantizer(cfg)
+        self.q_scores = act_quantizer(cfg)
+        self.softmax = QSoftmax(cfg.softmax, cfg.softmax_bits, cfg.act_observer)
+        self.q_attn_v = act_quantizer(cfg)
+        self.q_proj = act_quantizer(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.q_qkv(self.qkv(x))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        scores = self.q_scores((q @ k.transpose(-2, -1)) * self.scale)
+        attn = self.softmax(scores, self.q_scores)
+        x = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        x = self.q_attn_v(self.norm(x))
+        return self.q_proj(self.proj(x))
+
+
+class QBlock(nn.Module):
+    """Pre-norm transformer block; its last quantizer (``q_out``, PTF) feeds the next block's integer LN."""
+
+    def __init__(self, block: Block, cfg: QuantConfig) -> None:
+        super().__init__()
+        if not isinstance(block.mlp, Mlp):
+            raise ValueError(f"MLP type {type(block.mlp).__name__} is not supported by the quantized ViT")
+        dim = block.norm1.normalized_shape[0]
+        self.norm1 = QIntLayerNorm.from_float(block.norm1, cfg.int_norm)
+        self.q_ln1 = act_quantizer(cfg)
+        self.attn = QAttention(block.attn, cfg)
+        self.ls1, self.ls2 = block.ls1, block.ls2
+        self.q_res1 = ptf_quantizer(cfg, dim)
+        self.norm2 = QIntLayerNorm.from_float(block.norm2, cfg.int_norm)
+        self.q_ln2 = act_quantizer(cfg)
+        self.fc1 = qlinear(block.mlp.fc1, cfg)
+        self.act = block.mlp.act
+        self.q_fc1 = act_quantizer(cfg)
+        self.mlp_norm = block.mlp.norm
+        self.fc2 = qlinear(block.mlp.fc2, cfg)
+        self.q_fc2 = act_quantizer(cfg)
+        self.q_out = ptf_quantizer(cfg, dim)
+
+    def forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
+        h = self.q_ln1(self.norm1(x, in_q, self.q_ln1))
+        x = self.q_res1(x + self.ls1(self.attn(h)))
+        h = self.q_ln2(self.norm2(x, self.q_res1, self.q_ln2))
+        h = self.q_fc1(self.act(self.fc1(h)))
+        h = self.q_fc2(self.fc2(self.mlp_norm(h)))
+        return self.q_out(x + self.ls2(h))
+
+
+class QuantViT(QuantizedModel):
+    """Fully quantized VisionTransformer: patch embedding, every block, final norm, head and logits."""
+
+    def __init__(self, model: VisionTransformer, cfg: QuantConfig, model_name: str) -> None:
+        super().__init__()
+        self._check_supported(model)
+        self.model_name, self.qconfig = model_name, cfg
+        dim = model.embed_dim
+        quantize_input = cfg.quantize_input
+        if quantize_input is None:
+            quantize_input = model_name.split(".")[0].startswith("deit")
+        self.q_input = act_quantizer(cfg) if quantize_input else None
+        self.patch_proj = QConv2d.from_float(model.patch_embed.proj, cfg.weight_type, cfg.weight_observer,
+                                             cfg.bias_correction)
+        self.patch_norm = model.patch_embed.norm
+        self.q_patch = act_quantizer(cfg)
+        self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
+        self.q_embed = act_quantizer(cfg)
+        self.q_pos = act_quantizer(cfg)
+        self.q_block_in = ptf_quantizer(cfg, dim)
+        self.blocks = nn.ModuleList(QBlock(b, cfg) for b in model.blocks)
+        self.norm = QIntLayerNorm.from_float(model.norm, cfg.int_norm)
+        self.q_norm = act_quantizer(cfg)
+        self.global_pool, self.num_prefix_tokens = model.global_pool, model.num_prefix_tokens
+        self.fc_norm = model.fc_norm
+        self.head = qlinear(model.head, cfg)
+        self.q_logits = act_quantizer(cfg)
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+
+    @staticmethod
+    def _check_supported(model: VisionTransformer) -> None:
+        problems = []
+        if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
+            problems.append("a single class token with a position embedding that covers it")
+        if model.dynamic_img_size or model.attn_pool is not None:
+            problems.append("fixed image size and no attention pooling")
+        if not isinstance(model.norm, nn.LayerNorm) or not isinstance(model.norm_pre, nn.Identity):
+            problems.append("a final LayerNorm and no pre-norm")
+        if not isinstance(model.head, nn.Linear):
+            problems.append("a Linear classifier head")
+        if not all(isinstance(b, Block) and isinstance(b.attn, Attention) for b in model.blocks):
+            problems.append("plain timm Blocks with standard Attention")
+        if problems:
+            raise ValueError("unsupported VisionTransformer variant: the quantized ViT needs " + "; ".join(problems))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> quantized tokens entering block 0 (patch embedding, class token, position embedding)."""
+        if self.q_input is not None:
+            x = self.q_input(x)
+        x = self.patch_proj(x).flatten(2).transpose(1, 2)
+        x = self.q_patch(self.patch_norm(x))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.q_embed(x) + self.q_pos(self.pos_embed)
+        return self.q_block_in(x)
+
+    def _in_quantizer(self, index: int) -> FakeQuantizer:
+        return self.q_block_in if index == 0 else self.blocks[index - 1].q_out
+
+    def head_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x, self.blocks[-1].q_out, self.q_norm)
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.fc_norm(self.q_norm(x))  # quantized after pooling: the reference observes the class token only
+        return self.q_logits(self.head(x))
+
+    def forward_to(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for i in range(index):
+            x = self.blocks[i](x, self._in_quantizer(i))
+        return x
+
+    def forward_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden
+        for i in range(index, len(self.blocks)):
+            x = self.blocks[i](x, self._in_quantizer(i))
+        return self.head_forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(0, self.embed(x))
+
+    def search_blocks(self, include_mlp: bool = False) -> list[SearchBlock]:
+        """One search block per transformer block: qkv and proj (and fc1, fc2 with ``include_mlp``)."""
+        out = []
+        for i, b in enumerate(self.blocks):
+            layers = (b.fc1, b.fc2, b.attn.qkv, b.attn.proj) if include_mlp else (b.attn.qkv, b.attn.proj)
+            out.append(SearchBlock(f"blocks.{i}", layers))
+        return out
+
+
+@register_family(VisionTransformer, "VisionTransformer (ViT, DeiT)")
+def build_vit(model: VisionTransformer, cfg: QuantConfig, model_name: str) -> QuantViT:
+    return QuantViT(model, cfg, model_name)

@@ -1,0 +1,439 @@
+"""EvolQModule: the Evol-Q search as a LightningModule.
+
+One Lightning epoch is one visit of one search block (blocks last to first, ``num_passes`` times); one training
+step is one evolutionary generation. There is no optimizer: candidates are scored by a fitness against cached FP
+teacher logits on the calibration set, and only the suffix of the model after the visited block is re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics.classification import MulticlassAccuracy
+
+from evolq_pl.fitness import FitnessAccumulator, get_fitness, infonce
+from evolq_pl.models import create_quantized_model
+from evolq_pl.models.registry import weights_fingerprint
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers
+from evolq_pl.search.evolution import Population, generation
+from evolq_pl.search.scales import ScaleVector
+from evolq_pl.search.schedule import SearchConfig, block_schedule
+
+CKPT_KEY = "evolq"
+CKPT_VERSION = 1
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
+class EvolQModule(LightningModule):
+    """Evol-Q post-training quantization of a timm vision transformer.
+
+    Args:
+        model_name: timm model name with its tag, e.g. ``deit_tiny_patch16_224.fb_in1k``.
+        pretrained: load timm's weights from the local cache (never downloads).
+        checkpoint_path: a weight file to load instead (.pth/.safetensors; a ``meta.model_kwargs`` entry is used).
+        model_kwargs: keyword arguments for ``timm.create_model`` (other sizes, class count, image size).
+        w_bits: weight bits (2..8; the paper uses 3, 4, 8).
+        a_bits: activation bits (2..8; the paper uses 8).
+        preset: quantization recipe, ``e2e`` (the reference's run script) or ``fq_vit``.
+        quant_overrides: any other ``QuantConfig`` field, e.g. ``{softmax: lis, fit_on: all}``.
+        population_size: individuals per block visit (all start as the current scales).
+        tournament_size: individuals drawn with replacement to pick a parent.
+        num_cycles: generations (one child each) per block visit.
+        num_passes: passes over all blocks.
+        eps: mutation half-width; None picks 1e-3 for 3/4-bit and 1e-4 for 8-bit weights.
+        relative_mutation: scale the noise by each scale's magnitude instead of the reference's absolute noise.
+        search_mlp: also search the MLP Linear scales of each block.
+        fitness: ``infonce`` (the reference), ``mse``, ``kl`` or ``cosine``.
+        temperature: infoNCE temperature T (the loss is multiplied by 2T).
+        teacher: ``fp`` (the unquantized model) or ``int_ln`` (the original's teacher: integer LayerNorm left on).
+        selection: ``none`` (the clean default) or ``heldout``: keep the scales with the best held-out top-1,
+            the original's per-block selection pointed at a split of train, never at the test set.
+        seed: seeds the search's random generator (selection and mutation).
+        eval_fp: validate/test the FP model instead of the quantized one.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "deit_tiny_patch16_224.fb_in1k",
+        pretrained: bool = True,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        w_bits: int = 4,
+        a_bits: int = 8,
+        preset: Literal["e2e", "fq_vit"] = "e2e",
+        quant_overrides: dict[str, Any] | None = None,
+        population_size: int = 15,
+        tournament_size: int = 10,
+        num_cycles: int = 3,
+        num_passes: int = 10,
+        eps: float | None = None,
+        relative_mutation: bool = False,
+        search_mlp: bool = False,
+        fitness: Literal["infonce", "mse", "kl", "cosine"] = "infonce",
+        temperature: float = 3.0,
+        teacher: Literal["fp", "int_ln"] = "fp",
+        selection: Literal["none", "heldout"] = "none",
+        seed: int = 0,
+        eval_fp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if teacher not in ("fp", "int_ln"):
+            raise ValueError(f"teacher={teacher!r}: choose fp or int_ln")
+        if selection not in ("none", "heldout"):
+            raise ValueError(f"selection={selection!r}: choose none or heldout")
+        self.qconfig = QuantConfig.from_preset(preset, w_bits=w_bits, a_bits=a_bits, **(quant_overrides or {}))
+        self.search_config = SearchConfig(population_size, tournament_size, num_cycles, num_passes, eps,
+                                          relative_mutation)
+        self.fitness_fn = get_fitness(fitness, temperature)
+        self.qmodel = create_quantized_model(model_name, self.qconfig, pretrained, checkpoint_path, model_kwargs)
+        self.qmodel.requires_grad_(False)
+        self.blocks = self.qmodel.search_blocks(include_mlp=search_mlp)
+        self.schedule = block_schedule(len(self.blocks), num_passes)
+        self.eps = [self.search_config.resolve_eps(b.bits) for b in self.blocks]
+        num_classes = self.qmodel.head.out_features
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.strict_loading = False  # checkpoints hold quantizer state only; on_load_checkpoint checks them
+        self._weights_id = weights_fingerprint(self.qmodel)
+        self._reset_search_state()
+
+    # -- search state (everything a resume needs besides the quantizer buffers) ---------------------------------
+
+    def _reset_search_state(self) -> None:
+        self.rng = np.random.default_rng(self.hparams.seed)
+        self.visit = -1  # index into self.schedule of the visit in progress
+        self.generation_in_visit = 0
+        self.population: Population | None = None
+        self.current_fitness: float | None = None  # fitness of the model as it stands
+        self.visit_start_fitness: float | None = None
+        self.visit_start_scales: torch.Tensor | None = None
+        self.best_heldout: float = -math.inf
+        self.best_snapshot: dict[str, torch.Tensor] | None = None
+        self.teacher_id: str | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._calib: list[torch.Tensor] = []
+        self._teacher: list[torch.Tensor] = []
+        self._block_inputs: list[torch.Tensor] = []
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed or tested with this module."""
+        return {"model_name": self.hparams.model_name, "qconfig": repr(self.qconfig),
+                "num_blocks": len(self.blocks), "search_mlp": self.hparams.search_mlp}
+
+    # -- calibration data, teacher, calibration ------------------------------------------------------------------
+
+    def _datamodule(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "calib_dataloader"):
+            raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its calibration set")
+        return dm
+
+    def _load_calibration(self) -> None:
+        if self._calib:
+            return
+        dm = self._datamodule()
+        batches = [_images(b) for b in dm.calib_dataloader()]
+        if not batches:
+            raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
+        self._calib = batches
+        self._calib_ids = list(dm.calib_ids()) if hasattr(dm, "calib_ids") else []
+
+    def _shard(self) -> list[torch.Tensor]:
+        """This rank's calibration batches (round robin), on the module's device."""
+        rank, world = self.global_rank, self.trainer.world_size
+        return [b.to(self.device) for b in self._calib[rank::world]]
+
+    def _ensure_calibrated(self) -> None:
+        if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
+            return
+        self._load_calibration()
+        started = time.perf_counter()
+        calibrate(self.qmodel, self._calib, fit_on=self.qconfig.fit_on, device=self.device)
+        rank_zero_info(f"calibrated {self.hparams.model_name} on {sum(len(b) for b in self._calib)} images "
+                       f"in {time.perf_counter() - started:.1f} s")
+
+    @torch.no_grad()
+    def _build_teacher(self) -> None:
+        keep_int = self.hparams.teacher == "int_ln"
+        shard = self._shard()
+        with quantization_disabled(self.qmodel, keep_int_norm=keep_int):
+            self._teacher = [self.qmodel(x).float() for x in shard]
+        self._calib_shard = shard
+        digest = sum(float(t.double().sum()) for t in self._teacher)
+        digest = float(self.trainer.strategy.reduce(torch.tensor(digest, device=self.device), reduce_op="sum"))
+        self.teacher_id = f"{len(self._calib_ids) or sum(len(b) for b in self._calib)}:{digest:.6e}"
+
+    # -- fitness ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _fitness(self, block: int) -> float:
+        """Mean fitness over all calibration batches (reduced across ranks) of the model as it stands."""
+        acc = FitnessAccumulator(self.device)
+        for hidden, teacher in zip(self._block_inputs, self._teacher, strict=True):
+            acc.add(self.fitness_fn(self.qmodel.forward_from(block, hidden), teacher))
+        total, count = acc.total(), acc.count()
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return FitnessAccumulator.mean_of(total, count)
+
+    # -- Lightning hooks: fit --------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.trainer.fit_loop.max_epochs = len(self.schedule)
+            dm = getattr(self.trainer, "datamodule", None)
+            if dm is not None:
+                dm.generations_per_epoch = self.search_config.num_cycles
+
+    def on_fit_start(self) -> None:
+        self._ensure_calibrated()
+        self._load_calibration()
+        self._build_teacher()
+        pending = self._pending_state
+        if pending is not None:
+            if pending["teacher_id"] != self.teacher_id:
+                raise ValueError(
+                    "checkpoint was searched with another calibration set or teacher "
+                    f"({pending['teacher_id']} vs {self.teacher_id}): resume with the same data and seed"
+                )
+            self._restore_search_state(pending)
+            self._pending_state = None
+        rank_zero_info(self.qmodel.format_quant_map())
+        self._save_quant_map()
+
+    def _block_of(self, visit: int) -> int:
+        return self.schedule[visit]
+
+    @torch.no_grad()
+    def _start_visit(self, visit: int) -> None:
+        block = self._block_of(visit)
+        self._block_inputs = [self.qmodel.forward_to(block, x) for x in self._calib_shard]
+        self._scales = ScaleVector(self.blocks[block].layers)
+        if self.population is not None and self.visit == visit:
+            return  # resumed inside this visit: population, rng and counters came from the checkpoint
+        vector = self._scales.get()
+        if self.current_fitness is None:  # the only full evaluation of an unchanged model
+            self.current_fitness = self._fitness(block)
+        self.visit, self.generation_in_visit = visit, 0
+        self.visit_start_fitness, self.visit_start_scales = self.current_fitness, vector.clone()
+        self.population = Population.from_initial(vector, self.current_fitness, self.search_config.population_size)
+
+    def on_train_epoch_start(self) -> None:
+        self._start_visit(self.current_epoch)
+        self._gen_clock = time.perf_counter()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.generation_in_visit >= self.search_config.num_cycles:
+            return None  # a resumed epoch can offer more ticks than generations are left
+        block = self._block_of(self.visit)
+        rejected = 0
+
+        def evaluate(candidate: torch.Tensor) -> float:
+            nonlocal rejected
+            self._scales.set(candidate)
+            value = self._fitness(block)
+            if not math.isfinite(value):
+                rejected += 1
+                rank_zero_warn(f"block {block}: a candidate's fitness is {value}; it is rejected")
+            return value
+
+        child, survived = generation(self.population, evaluate, self.eps[block], self.search_config.tournament_size,
+                                     self.rng, self.search_config.relative_mutation)
+        best = self.population.best()
+        self._scales.set(best.scales)  # the model always holds the best individual so far
+        self.current_fitness = best.fitness
+        self.generation_in_visit += 1
+        self._count_step()
+        finite = [m.fitness for m in self.population if math.isfinite(m.fitness)]
+        now = time.perf_counter()
+        self.log_dict({
+            "search/best_fitness": best.fitness,
+            "search/mean_fitness": float(np.mean(finite)) if finite else math.inf,
+            "search/child_fitness": child.fitness if math.isfinite(child.fitness) else -1.0,
+            "search/accepted": float(survived and math.isfinite(child.fitness)),
+            "search/rejected_nonfinite": float(rejected),
+            "search/sec_per_generation": now - self._gen_clock,
+        }, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._gen_clock = now
+        self.log_dict({"block": float(block), "pass": float(self.visit // len(self.blocks)),
+                       "gen": float(self.generation_in_visit)}, prog_bar=True, logger=False, on_step=True,
+                      on_epoch=False, rank_zero_only=True)
+        if self.generation_in_visit == self.search_config.num_cycles:
+            self._end_visit(block)
+        return None
+
+    def _count_step(self) -> None:
+        """Without an optimizer Lightning's global_step stays at 0; step-based checkpoints and logs need it."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _end_visit(self, block: int) -> None:
+        best = self.population.best()
+        change = ((best.scales - self.visit_start_scales).abs() / self.visit_start_scales.abs()).mean()
+        self.log_dict({
+            "visit/fitness_before": self.visit_start_fitness,
+            "visit/fitness_after": best.fitness,
+            "visit/rel_scale_change": float(change),
+            "visit/block": float(block),
+        }, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_train_epoch_end(self) -> None:
+        self._block_inputs = []
+
+    def on_fit_end(self) -> None:
+        if self.best_snapshot is not None:
+            self._apply_snapshot(self.best_snapshot)
+            rank_zero_info(f"restored the scales with the best held-out top-1 ({self.best_heldout:.2f})")
+
+    # -- held-out validation (never the test set) ------------------------------------------------------------------
+
+    def on_validation_start(self) -> None:
+        self._ensure_calibrated()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        with quantization_disabled(self.qmodel):
+            teacher = self.qmodel(x)
+        logits = teacher if self.hparams.eval_fp else self.qmodel(x)
+        self.val_top1.update(logits, y)
+        self.log("heldout/infonce", infonce(logits, teacher, self.hparams.temperature), on_epoch=True,
+                 sync_dist=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self) -> None:
+        top1 = float(self.val_top1.compute()) * 100
+        self.val_top1.reset()
+        self.log("heldout/top1", top1, sync_dist=False)
+        if self.hparams.selection == "heldout" and not self.trainer.sanity_checking and top1 > self.best_heldout:
+            self.best_heldout = top1
+            self.best_snapshot = self._snapshot()
+
+    def _search_layers(self):
+        return [layer for b in self.blocks for layer in b.layers]
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {str(i): layer.weight_quantizer.scale.detach().clone() for i, layer in enumerate(self._search_layers())}
+
+    @torch.no_grad()
+    def _apply_snapshot(self, snap: dict[str, torch.Tensor]) -> None:
+        for i, layer in enumerate(self._search_layers()):
+            layer.weight_quantizer.scale.copy_(snap[str(i)])
+
+    # -- test: ImageNet val (or the data module's test split) -----------------------------------------------------
+
+    def on_test_start(self) -> None:
+        if not self.hparams.eval_fp:
+            self._ensure_calibrated()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        if self.hparams.eval_fp:
+            with quantization_disabled(self.qmodel):
+                logits = self.qmodel(x)
+        else:
+            logits = self.qmodel(x)
+        self.test_top1.update(logits, y)
+        self.test_top5.update(logits, y)
+
+    def on_test_epoch_end(self) -> None:
+        top1 = float(self.test_top1.compute()) * 100
+        top5 = float(self.test_top5.compute()) * 100
+        self.log_dict({"test/top1": top1, "test/top5": top5})
+        self.test_top1.reset()
+        self.test_top5.reset()
+        if self.trainer.is_global_zero:
+            self._write_results({
+                "top1": top1, "top5": top5, "model": self.hparams.model_name, "w_bits": self.qconfig.w_bits,
+                "a_bits": self.qconfig.a_bits, "preset": self.qconfig.preset, "seed": self.hparams.seed,
+                "evaluated": "fp" if self.hparams.eval_fp else "quantized",
+                "ckpt": self.trainer.ckpt_path, "quant_config": repr(self.qconfig),
+            })
+
+    def _log_dir(self) -> Path | None:
+        return Path(self.trainer.log_dir) if self.trainer.log_dir else None
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        log_dir = self._log_dir()
+        if log_dir is None:
+            return
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "test_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        rank_zero_info(f"test results written to {log_dir / 'test_results.json'}")
+
+    def _save_quant_map(self) -> None:
+        log_dir = self._log_dir()
+        if log_dir is not None and self.trainer.is_global_zero:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "quant_map.txt").write_text(self.qmodel.format_quant_map() + "\n")
+
+    # -- checkpoints: quantizer buffers + search state, checked on load ---------------------------------------------
+
+    def _quantizer_keys(self) -> set[str]:
+        return {f"qmodel.{name}.{key}" for name, q in quantizers(self.qmodel) for key, _ in q.named_buffers()
+                if "observer" not in key}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = self._quantizer_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint[CKPT_KEY] = {
+            "version": CKPT_VERSION,
+            "identity": self.identity(),
+            "weights_id": self._weights_id,
+            "teacher_id": self.teacher_id,
+            "visit": self.visit,
+            "generation_in_visit": self.generation_in_visit,
+            "population": self.population.state_dict() if self.population is not None else None,
+            "rng": self.rng.bit_generator.state,
+            "current_fitness": self.current_fitness,
+            "visit_start_fitness": self.visit_start_fitness,
+            "visit_start_scales": self.visit_start_scales,
+            "best_heldout": self.best_heldout,
+            "best_snapshot": self.best_snapshot,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CKPT_KEY)
+        if state is None:
+            raise ValueError("not an evolq-pl checkpoint (no search state): give a last.ckpt written by cli.py fit")
+        if state["identity"] != self.identity():
+            diff = {k: (state["identity"].get(k), v) for k, v in self.identity().items()
+                    if state["identity"].get(k) != v}
+            raise ValueError(f"checkpoint belongs to another run: {diff} (checkpoint vs config); "
+                             "use the config the checkpoint was made with")
+        if not math.isclose(state["weights_id"], self._weights_id, rel_tol=1e-9):
+            raise ValueError("checkpoint was searched on other FP weights: load the same pretrained weights")
+        missing = self._quantizer_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} quantizer entries (e.g. {sorted(missing)[0]}): "
+                             "it is truncated or from another model")
+        self._pending_state = state
+
+    def _restore_search_state(self, state: dict[str, Any]) -> None:
+        self.visit = state["visit"]
+        self.generation_in_visit = state["generation_in_visit"]
+        self.population = Population.from_state_dict(state["population"]) if state["population"] else None
+        self.rng.bit_generator.state = state["rng"]
+        self.current_fitness = state["current_fitness"]
+        self.visit_start_fitness = state["visit_start_fitness"]
+        self.visit_start_scales = state["visit_start_scales"]
+        self.best_heldout = state["best_heldout"]
+        self.best_snapshot = state["best_snapshot"]
+
+    def configure_optimizers(self) -> None:
+        return None

@@ -1,0 +1,4 @@
+"""Quantization primitives: bit types, fake quantizers, observers and quantized layers.
+
+Nothing here knows timm or Lightning, so every piece is testable on toy tensors.
+"""

@@ -1,0 +1,160 @@
+"""Quantized layers that take over a float layer's parameters (shared, not copied)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from evolq_pl.quant import functional as F
+from evolq_pl.quant.bit_types import BitType
+from evolq_pl.quant.quantizer import FakeQuantizer, Log2Quantizer
+
+
+class _QWeight:
+    """Mixin: per-output-channel weight quantizer, optional bias correction, cached fake-quantized weight.
+
+    The cache is keyed on the version counters of the weight and of the quantizer's buffers, so a search that
+    writes new scales (or a checkpoint load) invalidates exactly the layers it touched.
+    """
+
+    weight: nn.Parameter
+    weight_quantizer: FakeQuantizer
+    bias_correction: bool
+
+    def _init_quant(self, bit_type: BitType, observer: str, bias_correction: bool) -> None:
+        self.weight_quantizer = FakeQuantizer(bit_type, observer, channels=self.weight.shape[0], dim=0)
+        self.bias_correction = bias_correction
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def calibrate_weight(self) -> None:
+        self.weight_quantizer.fit(self.weight.detach())
+
+    def _cache_key(self) -> tuple:
+        q = self.weight_quantizer
+        return (self.weight._version, self.weight.data_ptr(), q.scale._version, q.scale.data_ptr(),
+                q.zero_point._version, self.bias_correction, self.weight.device)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: fake-quantized (and bias-corrected) when its quantizer is on."""
+        q = self.weight_quantizer
+        if not q.enabled:
+            return self.weight
+        key = self._cache_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.inference_mode(False), torch.no_grad():
+            w = self.weight.detach().float()
+            w_hat = F.fake_quantize(w, q.scale, q.zero_point, q.bit_type, dim=0)
+            if self.bias_correction:
+                w_hat = F.bias_correct(w_hat, w)
+            w_hat = w_hat.to(self.weight.dtype)
+        self._cache = (key, w_hat)
+        return w_hat
+
+
+class QLinear(_QWeight, nn.Linear):
+    """nn.Linear whose weight is fake-quantized per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bit_type: BitType,
+                 observer: str = "minmax", bias_correction: bool = False, device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(bit_type, observer, bias_correction)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bit_type: BitType, observer: str = "minmax",
+                   bias_correction: bool = False) -> QLinear:
+        q = cls.__new__(cls)
+        nn.Linear.__init__(q, linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q._init_quant(bit_type, observer, bias_correction)
+        q.weight_quantizer.to(linear.weight.device)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        return TF.linear(x, w.to(x.dtype) if w.dtype != x.dtype else w, self.bias)
+
+
+class QConv2d(_QWeight, nn.Conv2d):
+    """nn.Conv2d whose weight is fake-quantized per output channel."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bit_type: BitType, observer: str = "minmax",
+                   bias_correction: bool = False) -> QConv2d:
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        q.weight, q.bias = conv.weight, conv.bias
+        q._init_quant(bit_type, observer, bias_correction)
+        q.weight_quantizer.to(conv.weight.device)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        return self._conv_forward(x, w.to(x.dtype) if w.dtype != x.dtype else w, self.bias)
+
+
+class QIntLayerNorm(nn.LayerNorm):
+    """LayerNorm with FQ-ViT's integer mode on a PTF-quantized input (evolq-reference §1.5).
+
+    ``use_int`` is the configured choice; ``int_mode`` is whether it is active now (set by the mode helpers).
+    The integer path needs the input quantizer (per-channel PTF scales) and the output quantizer (per tensor).
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, use_int: bool = True, device=None) -> None:
+        super().__init__(normalized_shape, eps=eps, device=device)
+        self.use_int = use_int
+        self.int_mode = False
+
+    @classmethod
+    def from_float(cls, ln: nn.LayerNorm, use_int: bool = True) -> QIntLayerNorm:
+        q = cls(ln.normalized_shape[0], ln.eps, use_int, device="meta")
+        q.weight, q.bias = ln.weight, ln.bias
+        return q
+
+    def forward(self, x: torch.Tensor, in_q: FakeQuantizer | None = None,
+                out_q: FakeQuantizer | None = None) -> torch.Tensor:
+        if not (self.int_mode and in_q is not None and out_q is not None):
+            return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return int_layer_norm(x.float(), in_q.scale, out_q.scale, self.weight.float(), self.bias.float())
+
+
+def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
+                   gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Integer LayerNorm: power-of-two channel alignment, integer statistics, dyadic affine (eps dropped)."""
+    channels = x.shape[-1]
+    s_min = in_scale.min()
+    x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
+    total = x_q.sum(dim=-1, keepdim=True)
+    mean = total / channels * s_min
+    var_int = (channels * x_q.pow(2).sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
+    std = (s_min / channels) * torch.sqrt(var_int)
+    std = std.clamp(min=torch.finfo(torch.float32).tiny)
+    a = (s_min / std) * gamma / out_scale
+    a_abs = a.abs().clamp(min=torch.finfo(torch.float32).tiny)
+    n = torch.clamp(7 - torch.floor(torch.log2(a_abs)), 0, 31)
+    m = torch.clamp(torch.floor(a_abs * torch.pow(2.0, n)), 0, 255)
+    b = torch.round((beta - mean / std * gamma) / out_scale * torch.pow(2.0, n))
+    return torch.round((torch.sign(a) * m * x_q + b) / torch.pow(2.0, n)) * out_scale
+
+
+class QSoftmax(nn.Module):
+    """Softmax whose output is quantized: FP softmax then a uniform quantizer (the e2e default), a log2 grid,
+    or FQ-ViT's log-int-softmax (LIS), which needs the pre-softmax quantizer's scale."""
+
+    def __init__(self, mode: str, bits: int, observer: str = "minmax") -> None:
+        super().__init__()
+        if mode not in ("uniform", "log2", "lis"):
+            raise ValueError(f"unknown softmax quantization {mode!r}: choose uniform, log2 or lis")
+        self.mode = mode
+        if mode == "uniform":
+            self.quantizer: nn.Module = FakeQuantizer(BitType(bits, False), observer)
+        else:
+            self.quantizer = Log2Quantizer(bits)
+
+    def forward(self, x: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
+        lis_on = self.mode == "lis" and self.quantizer.enabled and in_q is not None and in_q.enabled
+        if lis_on:
+            return F.log_int_softmax(x.float(), float(in_q.scale), self.quantizer.bit_type.bits)
+        return self.quantizer(x.float().softmax(dim=-1))
+
