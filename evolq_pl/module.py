@@ -23,7 +23,7 @@ from evolq_pl.fitness import FitnessAccumulator, get_fitness, infonce
 from evolq_pl.models import create_quantized_model
 from evolq_pl.models.registry import weights_fingerprint
 from evolq_pl.quant.config import QuantConfig
-from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers
+from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, set_quantized
 from evolq_pl.search.evolution import Population, generation
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig, block_schedule
@@ -104,7 +104,7 @@ class EvolQModule(LightningModule):
         self.blocks = self.qmodel.search_blocks(include_mlp=search_mlp)
         self.schedule = block_schedule(len(self.blocks), num_passes)
         self.eps = [self.search_config.resolve_eps(b.bits) for b in self.blocks]
-        num_classes = self.qmodel.head.out_features
+        num_classes = self.qmodel.num_classes
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
@@ -159,7 +159,9 @@ class EvolQModule(LightningModule):
         return [b.to(self.device) for b in self._calib[rank::world]]
 
     def _ensure_calibrated(self) -> None:
+        """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
         if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
+            set_quantized(self.qmodel, True)
             return
         self._load_calibration()
         started = time.perf_counter()
@@ -340,6 +342,7 @@ class EvolQModule(LightningModule):
     def on_test_start(self) -> None:
         if not self.hparams.eval_fp:
             self._ensure_calibrated()
+            rank_zero_info(self.qmodel.format_quant_map())
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
@@ -362,7 +365,7 @@ class EvolQModule(LightningModule):
                 "top1": top1, "top5": top5, "model": self.hparams.model_name, "w_bits": self.qconfig.w_bits,
                 "a_bits": self.qconfig.a_bits, "preset": self.qconfig.preset, "seed": self.hparams.seed,
                 "evaluated": "fp" if self.hparams.eval_fp else "quantized",
-                "ckpt": self.trainer.ckpt_path, "quant_config": repr(self.qconfig),
+                "ckpt": str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None, "quant_config": repr(self.qconfig),
             })
 
     def _log_dir(self) -> Path | None:

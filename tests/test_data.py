@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import timm
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
@@ -27,6 +28,7 @@ from evolq_pl.data import (
 )
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "vit6_fmnist.pth"
 needs_fmnist = pytest.mark.skipif(
     not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian Fashion-MNIST files absent (apt-get install dataset-fashion-mnist)",
@@ -351,3 +353,19 @@ def test_datamodules_share_the_base() -> None:
         issubclass(c, CalibrationDataModule)
         for c in (DemoDataModule, FashionMNISTDataModule, ImageNetDataModule)
     )
+
+
+def test_shipped_reference_model_matches_demo_preprocessing() -> None:
+    """The demo tensors are normalized exactly as the reference model was trained (its accuracy holds on them)."""
+    ckpt = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    assert meta["timm_name"] == "vit_tiny_patch16_224" and meta["model_kwargs"]["depth"] == 6
+    assert (meta["input_mean"], meta["input_std"]) == (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    model = timm.create_model(meta["timm_name"], pretrained=False, **meta["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    dm = DemoDataModule(test_batch_size=500)
+    dm.setup("test")
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
+    top1 = 100.0 * correct / len(dm.test_set)  # first 2000 of the 10000 test images behind meta["fp_top1"]
+    assert meta["fp_top1"] >= 85.0 and abs(top1 - meta["fp_top1"]) < 3.0

@@ -36,6 +36,11 @@ class QuantizedModel(nn.Module):
     model_name: str
     qconfig: QuantConfig
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the logits cover (sizes the accuracy metrics); every family keeps its classifier as ``head``."""
+        return self.head.out_features
+
     def search_blocks(self) -> list[SearchBlock]:
         raise NotImplementedError
 

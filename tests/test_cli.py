@@ -1,0 +1,65 @@
+"""cli.py end to end: configs parse, fit writes checkpoints and TensorBoard scalars, test writes its results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import cli_main
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "model_name" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS[0]), "--model.population_sise", "3", "--print_config"])
+    assert exit_info.value.code != 0
+    assert "population_sise" in capsys.readouterr().err
+
+
+def run_args(tmp_path: Path, ckpt: str, version: str) -> list[str]:
+    return [
+        "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path", ckpt,
+        "--model.w_bits", "3", "--model.num_passes", "1", "--model.population_size", "4",
+        "--model.tournament_size", "3", "--model.num_cycles", "2",
+        "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64", "--data.heldout_size", "64",
+        "--data.batch_size", "32",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.version", version,
+    ]
+
+
+def test_fit_then_test_through_the_cli(tmp_path, tiny_vit_checkpoint):
+    cli_main(["fit", *run_args(tmp_path, tiny_vit_checkpoint, "fit")])
+    run = tmp_path / "evolq" / "fit"
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert (run / "quant_map.txt").read_text().count("weight") >= 3 * 4 + 2
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("search/best_fitness", "search/mean_fitness", "search/accepted", "search/sec_per_generation",
+                "visit/fitness_before", "visit/fitness_after", "visit/rel_scale_change", "heldout/top1"):
+        assert tag in scalars, tag
+    assert len(events.Scalars("search/best_fitness")) == 3 * 2  # blocks x generations
+
+    cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "test"), "--ckpt_path", str(last)])
+    results = json.loads((tmp_path / "evolq" / "test" / "test_results.json").read_text())
+    assert results["evaluated"] == "quantized" and results["w_bits"] == 3 and results["ckpt"] == str(last)
+    assert 0 <= results["top5"] <= 100 and results["top1"] <= results["top5"]
+
+    cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "fp"), "--model.eval_fp", "true"])
+    fp = json.loads((tmp_path / "evolq" / "fp" / "test_results.json").read_text())
+    assert fp["evaluated"] == "fp" and fp["ckpt"] is None

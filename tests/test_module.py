@@ -1,0 +1,179 @@
+"""EvolQModule under a real Lightning Trainer, on a tiny random-init ViT and the shipped demo images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from evolq_pl.data import DemoDataModule
+from evolq_pl.module import EvolQModule
+from evolq_pl.quant.modes import calibrate, quantization_disabled
+
+CKPT: str = ""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _trained(tiny_vit_checkpoint):
+    global CKPT
+    CKPT = tiny_vit_checkpoint
+
+
+def make_module(**overrides) -> EvolQModule:
+    args = {"model_name": "vit_tiny_patch16_224", "checkpoint_path": CKPT, "w_bits": 3,
+            "num_passes": 2, "population_size": 4, "tournament_size": 3, "num_cycles": 2, "seed": 0}
+    args.update(overrides)
+    return EvolQModule(**args)
+
+
+def make_data(**overrides) -> DemoDataModule:
+    args = {"calib_size": 64, "heldout_size": 0, "batch_size": 32, "test_batch_size": 100}
+    args.update(overrides)
+    return DemoDataModule(**args)
+
+
+def make_trainer(tmp_path, **overrides) -> Trainer:
+    args = {"accelerator": "cpu", "devices": 1, "default_root_dir": tmp_path, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+            "inference_mode": False, "enable_checkpointing": False}
+    args.update(overrides)
+    return Trainer(**args)
+
+
+class Recorder(Callback):
+    """Records the visited block per epoch and the model's fitness after each generation."""
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+        self.fitness: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.blocks.append(pl_module.schedule[trainer.current_epoch])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.fitness.append(pl_module.current_fitness)
+
+
+def search_scales(module: EvolQModule) -> list[torch.Tensor]:
+    return [layer.weight_quantizer.scale.clone() for b in module.blocks for layer in b.layers]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One finished search shared by the read-only tests below."""
+    tmp = tmp_path_factory.mktemp("search")
+    module, rec = make_module(), Recorder()
+    start = make_module()
+    trainer = make_trainer(tmp, callbacks=[rec])
+    trainer.fit(module, datamodule=make_data())
+    calibrate(start.qmodel, module._calib)  # the calibrated baseline the search started from
+    return module, rec, trainer, start
+
+
+def test_schedule_visits_blocks_last_to_first_for_each_pass(searched):
+    module, rec, trainer, _ = searched
+    assert rec.blocks == [2, 1, 0, 2, 1, 0]
+    assert trainer.current_epoch == 6
+    assert trainer.global_step == 6 * 2  # one step per generation, counted without an optimizer
+
+
+def test_search_never_increases_calibration_fitness(searched):
+    module, rec, _, _ = searched
+    assert all(b <= a for a, b in zip(rec.fitness, rec.fitness[1:], strict=False))
+    assert rec.fitness[-1] <= module.visit_start_fitness
+
+
+def test_search_changes_only_attention_weight_scales(searched):
+    module, _, _, start = searched
+    changed = [not torch.equal(a, b) for a, b in zip(search_scales(module), search_scales(start), strict=True)]
+    assert any(changed)
+    searched_names = {f"blocks.{i}.attn.{n}.weight_quantizer.scale" for i in range(3) for n in ("qkv", "proj")}
+    for (name, p), (_, q) in zip(module.qmodel.named_buffers(), start.qmodel.named_buffers(), strict=True):
+        if name not in searched_names and "observer" not in name:
+            assert torch.equal(p, q), name
+
+
+def test_suffix_fitness_equals_full_model_fitness(searched):
+    module, _, _, _ = searched
+    block = 1
+    module._start_visit(module.schedule.index(block))
+    suffix = module._fitness(block)
+    with torch.no_grad():
+        full = [module.fitness_fn(module.qmodel(x), t) for x, t in zip(module._calib_shard, module._teacher,
+                                                                         strict=True)]
+    assert suffix == pytest.approx(float(torch.stack(full).mean()), rel=1e-6)
+
+
+def test_same_seed_same_scales_different_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        module = make_module(seed=seed, num_passes=1)
+        make_trainer(tmp_path / name).fit(module, datamodule=make_data())
+        runs[name] = search_scales(module)
+    assert all(torch.equal(x, y) for x, y in zip(runs["a"], runs["b"], strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(runs["a"], runs["c"], strict=True))
+
+
+def test_original_teacher_keeps_integer_layernorm(searched):
+    module, _, _, _ = searched
+    x = module._calib_shard[0]
+    with torch.no_grad(), quantization_disabled(module.qmodel):
+        fp = module.qmodel(x)
+    with torch.no_grad(), quantization_disabled(module.qmodel, keep_int_norm=True):
+        quirk = module.qmodel(x)
+    assert not torch.allclose(fp, quirk)
+
+
+def test_checkpoint_holds_quantizer_state_and_restores_the_searched_model(tmp_path):
+    module = make_module(num_passes=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True)
+    trainer.fit(module, datamodule=make_data())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert all("quantizer" in k or ".q_" in k or k.startswith("qmodel.q_") for k in saved["state_dict"])
+    assert saved["evolq"]["population"] is not None
+    fresh = make_module(num_passes=1)
+    result = make_trainer(tmp_path).test(fresh, datamodule=make_data(), ckpt_path=tmp_path / "last.ckpt")
+    expected = make_trainer(tmp_path).test(module, datamodule=make_data())
+    assert result[0]["test/top1"] == pytest.approx(expected[0]["test/top1"])
+    for a, b in zip(search_scales(fresh), search_scales(module), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_bit_width_is_refused(tmp_path):
+    module = make_module(num_passes=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    make_trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True).fit(module, datamodule=make_data())
+    other = make_module(num_passes=1, w_bits=4)
+    with pytest.raises(ValueError, match="another run"):
+        make_trainer(tmp_path).test(other, datamodule=make_data(), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_fitness_options_all_run(tmp_path):
+    for fitness in ("mse", "kl", "cosine"):
+        module = make_module(num_passes=1, fitness=fitness)
+        make_trainer(tmp_path / fitness).fit(module, datamodule=make_data(calib_size=32))
+        assert math.isfinite(module.current_fitness)
+
+
+def test_heldout_selection_restores_best_snapshot(tmp_path):
+    module = make_module(num_passes=2, selection="heldout")
+    data = make_data(heldout_size=64)
+    make_trainer(tmp_path, check_val_every_n_epoch=3).fit(module, datamodule=data)
+    assert module.best_snapshot is not None
+    assert all(torch.equal(layer.weight_quantizer.scale, module.best_snapshot[str(i)])
+               for i, layer in enumerate(module._search_layers()))
+
+
+def test_bad_search_arguments_fail_with_clear_messages():
+    with pytest.raises(ValueError, match="population_size"):
+        make_module(population_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        make_module(temperature=0.0)
+    with pytest.raises(ValueError, match="w_bits"):
+        make_module(w_bits=9)
+    with pytest.raises(ValueError, match="unknown model"):
+        make_module(model_name="not_a_model")
