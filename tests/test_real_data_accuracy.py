@@ -42,4 +42,4 @@ def test_w8a8_is_within_one_point_of_fp_and_w2a8_is_clearly_worse(tiny_vit_check
     print(f"FP {fp:.2f}  W8A8 {w8:.2f}  W2A8 {w2:.2f}")
     assert fp > 75.0  # the model really learned Fashion-MNIST
     assert abs(fp - w8) <= 1.0
-    assert w2 < w8 - 1.5  # small ViTs are robust: W2 costs this one about 2.5 points (78.05 -> 75.55)
+    assert w2 < w8 - 1.5  # small ViTs are robust: W2 costs this one about 2 points (W8A8 78.55 -> W2A8 76.35)
