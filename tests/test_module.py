@@ -177,3 +177,26 @@ def test_bad_search_arguments_fail_with_clear_messages():
         make_module(w_bits=9)
     with pytest.raises(ValueError, match="unknown model"):
         make_module(model_name="not_a_model")
+
+
+def test_bf16_mixed_precision_search_keeps_quantizer_math_in_float32(tmp_path):
+    module = make_module(num_passes=1)
+    seen = []
+    quantizer = module.qmodel.blocks[-1].attn.q_qkv
+    handle = quantizer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    make_trainer(tmp_path, precision="bf16-mixed").fit(module, datamodule=make_data())
+    handle.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert math.isfinite(module.current_fitness) and module.current_fitness <= module.baseline_fitness
+
+
+def test_search_lowers_heldout_infonce_against_the_calibrated_baseline(tmp_path):
+    data = make_data(calib_size=128, heldout_size=256)
+    module = make_module(num_passes=3, num_cycles=3, population_size=8, tournament_size=5)
+    trainer = make_trainer(tmp_path)
+    baseline = trainer.validate(module, datamodule=data, verbose=False)[0]["heldout/infonce"]
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, datamodule=data)
+    searched = trainer.validate(module, datamodule=data, verbose=False)[0]["heldout/infonce"]
+    assert module.current_fitness < module.baseline_fitness
+    assert searched < baseline

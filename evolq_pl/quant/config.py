@@ -32,7 +32,7 @@ class QuantConfig:
     int_norm: bool = True
     softmax: Literal["uniform", "log2", "lis"] = "uniform"
     softmax_bits: int = 8
-    quantize_input: bool | None = None  # None: as the reference (DeiT yes, ViT/LeViT no)
+    quantize_input: bool | None = None  # None: DeiT yes, ViT no (as the reference); LeViT yes unless faithful
     fit_on: Literal["last", "all"] = "last"
     faithful: bool = False  # LeViT: leave unquantized what the original leaves unquantized (quirk 18)
 
