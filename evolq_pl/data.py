@@ -180,7 +180,7 @@ class CalibrationDataModule(LightningDataModule, ABC):
         self._calib_index: list[int] = []
         self._heldout_index: list[int] = []
         self._train: Dataset | None = None
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # config.yaml records them; logging would clash with model.seed
 
     # -- what a subclass provides -------------------------------------------------------------------------------
     @abstractmethod
@@ -495,40 +495,57 @@ class ImageNetDataModule(CalibrationDataModule):
 # Fashion-MNIST (full, from IDX files) and the embedded demo subset
 
 
-class _ArrayImages(Dataset):
-    """uint8 [N, H, W] images -> normalized float [1, H, W] tensors, int labels."""
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of [N, C, H, W] (or [C, H, W]) images to size x size, e.g. 28 px Fashion-MNIST for LeViT."""
+    single = x.dim() == 3
+    out = torch.nn.functional.interpolate(x[None] if single else x, size=(size, size), mode="bilinear",
+                                          align_corners=False)
+    return out[0] if single else out
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+
+class _ArrayImages(Dataset):
+    """uint8 [N, H, W] images -> normalized float [1, H, W] tensors (optionally resized), int labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int | None = None) -> None:
         if images.ndim != 3 or images.dtype != np.uint8 or len(images) != len(labels):
             raise ValueError(
                 f"expected uint8 images [N, H, W] and N labels, got {images.shape} {images.dtype} / {labels.shape}"
             )
         self.images = images
         self.labels = labels.astype(np.int64)
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(self.images[index]).to(torch.float32).div_(255.0)
+        x = torch.from_numpy(self.images[index]).to(torch.float32).div_(255.0).unsqueeze(0)
+        if self.image_size is not None and self.image_size != x.shape[-1]:
+            x = resize_images(x, self.image_size)
         x = x.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-        return x.unsqueeze(0), int(self.labels[index])
+        return x, int(self.labels[index])
 
 
 class _ArrayDataModule(CalibrationDataModule):
     """Shared part of the array-backed modules: ids are ``train:<index in full Fashion-MNIST train>``."""
 
     _train_source_index: np.ndarray | None = None
+    image_size: int | None = None  # resize the 28 px images (models with larger inputs, e.g. LeViT)
 
     @abstractmethod
     def _arrays(self, split: Literal["train", "test"]) -> tuple[np.ndarray, np.ndarray]:
         """(images, labels) of a split."""
 
     def _load_train(self) -> Dataset:
-        return _ArrayImages(*self._arrays("train"))
+        return _ArrayImages(*self._arrays("train"), self.image_size)
 
     def _load_test(self) -> Dataset:
-        return _ArrayImages(*self._arrays("test"))
+        return _ArrayImages(*self._arrays("test"), self.image_size)
+
+    def _set_image_size(self, image_size: int | None) -> None:
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        self.image_size = image_size
 
     def _item_id(self, index: int) -> str:
         source = index if self._train_source_index is None else int(self._train_source_index[index])
@@ -553,6 +570,7 @@ class FashionMNISTDataModule(_ArrayDataModule):
         num_workers: int = 0,
         seed: int = 0,
         generations_per_epoch: int = 3,
+        image_size: int | None = None,
     ) -> None:
         """Store the options; no data is read before setup().
 
@@ -565,10 +583,12 @@ class FashionMNISTDataModule(_ArrayDataModule):
             num_workers: DataLoader worker processes.
             seed: seed of the permutation that picks calibration and held-out items.
             generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            image_size: resize the 28 px images to this side (bilinear), for models with larger inputs.
         """
         super().__init__(
             calib_size, heldout_size, batch_size, test_batch_size, num_workers, seed, generations_per_epoch
         )
+        self._set_image_size(image_size)
         self.root = Path(root)
 
     def _arrays(self, split: Literal["train", "test"]) -> tuple[np.ndarray, np.ndarray]:
@@ -603,6 +623,7 @@ class DemoDataModule(_ArrayDataModule):
         num_workers: int = 0,
         seed: int = 0,
         generations_per_epoch: int = 3,
+        image_size: int | None = None,
     ) -> None:
         """Store the options; no data is read before setup().
 
@@ -615,10 +636,12 @@ class DemoDataModule(_ArrayDataModule):
             num_workers: DataLoader worker processes.
             seed: seed of the permutation that picks calibration and held-out items.
             generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            image_size: resize the 28 px images to this side (bilinear), for models with larger inputs.
         """
         super().__init__(
             calib_size, heldout_size, batch_size, test_batch_size, num_workers, seed, generations_per_epoch
         )
+        self._set_image_size(image_size)
         self.path = Path(path) if path is not None else DEMO_SET
         self._npz: dict[str, np.ndarray] | None = None
 

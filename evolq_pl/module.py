@@ -10,30 +10,53 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from evolq_pl.fitness import FitnessAccumulator, get_fitness, infonce
+from evolq_pl.fitness import FitnessAccumulator, FitnessFn, get_fitness, infonce
 from evolq_pl.models import create_quantized_model
+from evolq_pl.models.base import QuantizedModel
 from evolq_pl.models.registry import weights_fingerprint
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, set_quantized
 from evolq_pl.search.evolution import Population, generation
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig, block_schedule
+from evolq_pl.strategy import SearchDDPStrategy
 
 CKPT_KEY = "evolq"
 CKPT_VERSION = 1
+# hyperparameters a resumed search must share with its checkpoint (others, e.g. eval_fp, may change)
+RESUME_KEYS = ("population_size", "tournament_size", "num_cycles", "num_passes", "eps", "relative_mutation",
+               "fitness", "temperature", "teacher", "selection")
+RESUME_DATA_KEYS = ("calib_size", "heldout_size", "batch_size", "seed", "image_size")
 
 
 def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, list | tuple) else batch
+
+
+@torch.no_grad()
+def suffix_fitness(qmodel: QuantizedModel, block: int, inputs: list[torch.Tensor], teachers: list[torch.Tensor],
+                   fitness_fn: FitnessFn, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Sum over batches of the fitness of the logits from block ``block``'s cached inputs, and the batch count.
+
+    The sum stays a device tensor, so scoring a candidate costs one host sync (when the caller reads it), not one
+    per batch; the speed benchmark calls this too, so it times exactly what the search runs.
+    """
+    acc = FitnessAccumulator(device)
+    for hidden, teacher in zip(inputs, teachers, strict=True):
+        acc.add(fitness_fn(qmodel.forward_from(block, hidden), teacher))
+    return acc.total(), len(inputs)
 
 
 class EvolQModule(LightningModule):
@@ -125,6 +148,7 @@ class EvolQModule(LightningModule):
         self.visit_start_scales: torch.Tensor | None = None
         self.best_heldout: float = -math.inf
         self.best_snapshot: dict[str, torch.Tensor] | None = None
+        self.baseline_snapshot: dict[str, torch.Tensor] | None = None  # calibrated scales before the search
         self.teacher_id: str | None = None
         self._pending_state: dict[str, Any] | None = None
         self._calib: list[torch.Tensor] = []
@@ -187,19 +211,24 @@ class EvolQModule(LightningModule):
     @torch.no_grad()
     def _fitness(self, block: int) -> float:
         """Mean fitness over all calibration batches (reduced across ranks) of the model as it stands."""
-        acc = FitnessAccumulator(self.device)
-        for hidden, teacher in zip(self._block_inputs, self._teacher, strict=True):
-            acc.add(self.fitness_fn(self.qmodel.forward_from(block, hidden), teacher))
-        total, count = acc.total(), acc.count()
+        total, count = suffix_fitness(self.qmodel, block, self._block_inputs, self._teacher, self.fitness_fn,
+                                      self.device)
         if self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
-            count = self.trainer.strategy.reduce(count, reduce_op="sum")
-        return FitnessAccumulator.mean_of(total, count)
+            count = self.trainer.strategy.reduce(
+                torch.tensor(float(count), dtype=torch.float64, device=self.device), reduce_op="sum")
+            return FitnessAccumulator.mean_of(total, count)
+        return float(total) / count  # one host sync per candidate, none per batch
 
     # -- Lightning hooks: fit --------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
+            strategy = self.trainer.strategy
+            if isinstance(strategy, DDPStrategy) and not isinstance(strategy, SearchDDPStrategy):
+                raise ValueError("DDPStrategy wraps the model in DistributedDataParallel, which needs gradients the "
+                                 "search does not have: pass strategy=evolq_pl.strategy.SearchDDPStrategy() "
+                                 "(cli.py maps --trainer.strategy ddp to it)")
             self.trainer.fit_loop.max_epochs = len(self.schedule)
             dm = getattr(self.trainer, "datamodule", None)
             if dm is not None:
@@ -236,12 +265,17 @@ class EvolQModule(LightningModule):
         vector = self._scales.get()
         if self.current_fitness is None:  # the only full evaluation of an unchanged model
             self.current_fitness = self.baseline_fitness = self._fitness(block)
+            self.baseline_snapshot = self._snapshot()
         self.visit, self.generation_in_visit = visit, 0
         self.visit_start_fitness, self.visit_start_scales = self.current_fitness, vector.clone()
         self.population = Population.from_initial(vector, self.current_fitness, self.search_config.population_size)
 
     def on_train_epoch_start(self) -> None:
-        self._start_visit(self.current_epoch)
+        # Lightning runs only training_step under autocast: prepare the visit (its cached inputs and the baseline
+        # fitness the children are compared with) in that same precision, as a visit prepared by a resume
+        # inside training_step is (with bf16-mixed they were fp32 here and bf16 there)
+        with self.trainer.precision_plugin.train_step_context():
+            self._start_visit(self.current_epoch)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if self._prepared_visit != self.current_epoch:  # Lightning skips on_train_epoch_start on a mid-epoch resume
@@ -332,6 +366,18 @@ class EvolQModule(LightningModule):
             self.best_heldout = top1
             self.best_snapshot = self._snapshot()
 
+    @contextmanager
+    def calibrated_baseline(self) -> Iterator[EvolQModule]:
+        """Temporarily put the calibrated (pre-search) scales back, e.g. to evaluate the baseline in-process."""
+        if self.baseline_snapshot is None:
+            raise RuntimeError("no baseline recorded: the search has not started")
+        current = self._snapshot()
+        self._apply_snapshot(self.baseline_snapshot)
+        try:
+            yield self
+        finally:
+            self._apply_snapshot(current)
+
     def _search_layers(self):
         return [layer for b in self.blocks for layer in b.layers]
 
@@ -387,7 +433,7 @@ class EvolQModule(LightningModule):
 
     def _save_quant_map(self) -> None:
         log_dir = self._log_dir()
-        if log_dir is not None and self.trainer.is_global_zero:
+        if log_dir is not None and self.trainer.logger is not None and self.trainer.is_global_zero:
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / "quant_map.txt").write_text(self.qmodel.format_quant_map() + "\n")
 
@@ -415,9 +461,16 @@ class EvolQModule(LightningModule):
             "visit_start_scales": self.visit_start_scales,
             "best_heldout": self.best_heldout,
             "best_snapshot": self.best_snapshot,
+            "baseline_snapshot": self.baseline_snapshot,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any], resume: bool = False,
+                         data_hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Refuse a checkpoint of another run before any work is done; returns its search state.
+
+        A resumed search must also keep the search and calibration settings, or it silently becomes a search that
+        no uninterrupted run would give (the calibration data itself is checked through the teacher id later).
+        """
         state = checkpoint.get(CKPT_KEY)
         if state is None:
             raise ValueError("not an evolq-pl checkpoint (no search state): give a last.ckpt written by cli.py fit")
@@ -432,7 +485,23 @@ class EvolQModule(LightningModule):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} quantizer entries (e.g. {sorted(missing)[0]}): "
                              "it is truncated or from another model")
-        self._pending_state = state
+        if resume:
+            saved = checkpoint.get("hyper_parameters", {})
+            diff = {k: (saved.get(k), self.hparams[k]) for k in RESUME_KEYS if saved.get(k) != self.hparams[k]}
+            saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+            if data_hparams is not None and saved_data:
+                diff.update({f"data.{k}": (saved_data.get(k), data_hparams.get(k)) for k in RESUME_DATA_KEYS
+                             if saved_data.get(k) != data_hparams.get(k)})
+            if diff:
+                raise ValueError(f"cannot resume: the search settings changed {diff} (checkpoint vs config); "
+                                 "resume with the config the checkpoint was made with")
+        return state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        dm = getattr(self.trainer, "datamodule", None) if fitting else None
+        self._pending_state = self.check_checkpoint(checkpoint, resume=fitting,
+                                                    data_hparams=dict(dm.hparams) if dm is not None else None)
 
     def _restore_search_state(self, state: dict[str, Any]) -> None:
         self.visit = state["visit"]
@@ -445,6 +514,7 @@ class EvolQModule(LightningModule):
         self.visit_start_scales = state["visit_start_scales"]
         self.best_heldout = state["best_heldout"]
         self.best_snapshot = state["best_snapshot"]
+        self.baseline_snapshot = state.get("baseline_snapshot")
 
     def configure_optimizers(self) -> None:
         return None

@@ -20,11 +20,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evolq_pl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx  # noqa: E402
+from evolq_pl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx, resize_images  # noqa: E402
 
-TIMM_NAME = "vit_tiny_patch16_224"
 _BASE = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "num_heads": 3}
-PRESETS: dict[str, dict[str, int]] = {"vit6": {**_BASE, "depth": 6}, "vit12": {**_BASE, "depth": 12}}
+_LEVIT = {"img_size": 96, "in_chans": 1, "num_classes": 10, "embed_dim": (64, 96, 128), "key_dim": 16,
+          "num_heads": (2, 3, 4), "depth": (2, 2, 2)}
+# preset -> (timm architecture, kwargs, input side in pixels; Fashion-MNIST's 28 px are resized to it)
+PRESETS: dict[str, tuple[str, dict, int]] = {
+    "vit6": ("vit_tiny_patch16_224", {**_BASE, "depth": 6}, 28),
+    "vit12": ("vit_tiny_patch16_224", {**_BASE, "depth": 12}, 28),
+    "levit": ("levit_128s", _LEVIT, 96),
+}
 
 
 def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,31 +40,37 @@ def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images).float().div_(255).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
+def normalize(x: torch.Tensor, size: int = 28) -> torch.Tensor:
+    """Resize (bilinear, as the data modules' ``image_size``) then normalize with Fashion-MNIST's statistics."""
+    if x.shape[-1] != size:
+        x = resize_images(x, size)
     return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random crop after zero padding (black, the Fashion-MNIST background) and random horizontal flip."""
     n, _, h, w = x.shape
+    dev = x.device  # random draws on the CPU generator (same stream on any device), gathers where x lives
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, 1, h, w + 2 * pad)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None].expand(n, 1, h, w + 2 * pad)
     out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, 1, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :].expand(n, 1, h, w)
     out = out.gather(3, cols)
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
     out[flip] = out[flip].flip(-1)
     return out
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, size: int, batch: int = 500) -> float:
     model.eval()
     correct = 0
+    device = next(model.parameters()).device
     for i in range(0, len(x), batch):
-        correct += (model(normalize(x[i : i + batch])).argmax(1) == y[i : i + batch]).sum().item()
+        xb = normalize(x[i : i + batch].to(device), size)
+        correct += (model(xb).argmax(1).cpu() == y[i : i + batch]).sum().item()
     return 100.0 * correct / len(x)
 
 
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--limit-batches", type=int, default=0, help="stop each epoch after N batches (timing)"
     )
@@ -95,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
 
     x_train, y_train = load_split(args.data_root, "train")
     x_test, y_test = load_split(args.data_root, "t10k")
-    kwargs = PRESETS[args.arch_kwargs]
-    model = timm.create_model(TIMM_NAME, pretrained=False, **kwargs)
+    timm_name, kwargs, size = PRESETS[args.arch_kwargs]
+    device = torch.device(args.device)
+    model = timm.create_model(timm_name, pretrained=False, **kwargs).to(device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     if args.limit_batches:
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         loss_sum, correct, seen = 0.0, 0, 0
         for step in range(steps_per_epoch):
             idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
-            xb, yb = normalize(augment(x_train[idx], gen)), y_train[idx]
+            xb = normalize(augment(x_train[idx].to(device), gen), size)
+            yb = y_train[idx].to(device)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
@@ -134,13 +149,14 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     train_seconds = time.perf_counter() - start
-    fp_top1 = evaluate(model, x_test, y_test)
+    fp_top1 = evaluate(model, x_test, y_test, size)
     print(f"t10k top-1 {fp_top1:.2f}% after {train_seconds:.0f} s of training", flush=True)
 
     command = "python scripts/train_reference.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
-        "timm_name": TIMM_NAME,
-        "model_kwargs": dict(kwargs),
+        "timm_name": timm_name,
+        "model_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "image_size": size,
         "seed": args.seed,
         "epochs": args.epochs,
         "fp_top1": fp_top1,
@@ -149,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         "input_std": FASHION_MNIST_STD,
         "train_seconds": round(train_seconds, 1),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(torch.float32).contiguous() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "meta": meta}, args.out)
     print(f"saved {args.out}", flush=True)

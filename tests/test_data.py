@@ -368,4 +368,4 @@ def test_shipped_reference_model_matches_demo_preprocessing() -> None:
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
     top1 = 100.0 * correct / len(dm.test_set)  # first 2000 of the 10000 test images behind meta["fp_top1"]
-    assert meta["fp_top1"] >= 85.0 and abs(top1 - meta["fp_top1"]) < 3.0
+    assert meta["fp_top1"] >= 80.0 and abs(top1 - meta["fp_top1"]) < 3.0

@@ -19,16 +19,17 @@ from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
 from evolq_pl.quant.quantizer import FakeQuantizer
 
 
-def act_quantizer(cfg: QuantConfig) -> FakeQuantizer:
-    """Per-tensor activation quantizer (A in the tensor map)."""
-    return FakeQuantizer(cfg.act_type, cfg.act_observer)
+def act_quantizer(cfg: QuantConfig, reuse_input: bool = False) -> FakeQuantizer:
+    """Per-tensor activation quantizer (A in the tensor map). ``reuse_input``: its input is always a temporary
+    (not a parameter, the images or a tensor read again), so inference may quantize it in place."""
+    return FakeQuantizer(cfg.act_type, cfg.act_observer, reuse_input=reuse_input)
 
 
-def ptf_quantizer(cfg: QuantConfig, channels: int, dim: int = -1) -> FakeQuantizer:
+def ptf_quantizer(cfg: QuantConfig, channels: int, dim: int = -1, reuse_input: bool = False) -> FakeQuantizer:
     """Channel-wise PTF quantizer of residual sums / LayerNorm inputs, or a plain A quantizer without PTF."""
     if cfg.ptf:
-        return FakeQuantizer(cfg.act_type, "ptf", channels=channels, dim=dim)
-    return act_quantizer(cfg)
+        return FakeQuantizer(cfg.act_type, "ptf", channels=channels, dim=dim, reuse_input=reuse_input)
+    return act_quantizer(cfg, reuse_input)
 
 
 def qlinear(linear: nn.Linear, cfg: QuantConfig) -> QLinear:
@@ -46,18 +47,18 @@ class QAttention(nn.Module):
         self.qkv = qlinear(attn.qkv, cfg)
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
         self.proj = qlinear(attn.proj, cfg)
-        self.q_qkv = act_quantizer(cfg)
-        self.q_scores = act_quantizer(cfg)
+        self.q_qkv = act_quantizer(cfg, reuse_input=True)
+        self.q_scores = act_quantizer(cfg, reuse_input=True)
         self.softmax = QSoftmax(cfg.softmax, cfg.softmax_bits, cfg.act_observer)
-        self.q_attn_v = act_quantizer(cfg)
-        self.q_proj = act_quantizer(cfg)
+        self.q_attn_v = act_quantizer(cfg, reuse_input=True)
+        self.q_proj = act_quantizer(cfg, reuse_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.q_qkv(self.qkv(x))
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        scores = self.q_scores((q @ k.transpose(-2, -1)) * self.scale)
+        scores = self.q_scores((q @ k.transpose(-2, -1)).mul_(self.scale))  # in place: one temporary less
         attn = self.softmax(scores, self.q_scores)
         x = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         x = self.q_attn_v(self.norm(x))
@@ -73,19 +74,19 @@ class QBlock(nn.Module):
             raise ValueError(f"MLP type {type(block.mlp).__name__} is not supported by the quantized ViT")
         dim = block.norm1.normalized_shape[0]
         self.norm1 = QIntLayerNorm.from_float(block.norm1, cfg.int_norm)
-        self.q_ln1 = act_quantizer(cfg)
+        self.q_ln1 = act_quantizer(cfg, reuse_input=True)
         self.attn = QAttention(block.attn, cfg)
         self.ls1, self.ls2 = block.ls1, block.ls2
-        self.q_res1 = ptf_quantizer(cfg, dim)
+        self.q_res1 = ptf_quantizer(cfg, dim, reuse_input=True)
         self.norm2 = QIntLayerNorm.from_float(block.norm2, cfg.int_norm)
-        self.q_ln2 = act_quantizer(cfg)
+        self.q_ln2 = act_quantizer(cfg, reuse_input=True)
         self.fc1 = qlinear(block.mlp.fc1, cfg)
         self.act = block.mlp.act
-        self.q_fc1 = act_quantizer(cfg)
+        self.q_fc1 = act_quantizer(cfg, reuse_input=True)
         self.mlp_norm = block.mlp.norm
         self.fc2 = qlinear(block.mlp.fc2, cfg)
-        self.q_fc2 = act_quantizer(cfg)
-        self.q_out = ptf_quantizer(cfg, dim)
+        self.q_fc2 = act_quantizer(cfg, reuse_input=True)
+        self.q_out = ptf_quantizer(cfg, dim, reuse_input=True)
 
     def forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
         h = self.q_ln1(self.norm1(x, in_q, self.q_ln1))
@@ -111,18 +112,18 @@ class QuantViT(QuantizedModel):
         self.patch_proj = QConv2d.from_float(model.patch_embed.proj, cfg.weight_type, cfg.weight_observer,
                                              cfg.bias_correction)
         self.patch_norm = model.patch_embed.norm
-        self.q_patch = act_quantizer(cfg)
+        self.q_patch = act_quantizer(cfg, reuse_input=True)
         self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
-        self.q_embed = act_quantizer(cfg)
+        self.q_embed = act_quantizer(cfg, reuse_input=True)
         self.q_pos = act_quantizer(cfg)
-        self.q_block_in = ptf_quantizer(cfg, dim)
+        self.q_block_in = ptf_quantizer(cfg, dim, reuse_input=True)
         self.blocks = nn.ModuleList(QBlock(b, cfg) for b in model.blocks)
         self.norm = QIntLayerNorm.from_float(model.norm, cfg.int_norm)
-        self.q_norm = act_quantizer(cfg)
+        self.q_norm = act_quantizer(cfg, reuse_input=True)
         self.global_pool, self.num_prefix_tokens = model.global_pool, model.num_prefix_tokens
         self.fc_norm = model.fc_norm
         self.head = qlinear(model.head, cfg)
-        self.q_logits = act_quantizer(cfg)
+        self.q_logits = act_quantizer(cfg, reuse_input=True)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
 
     @staticmethod

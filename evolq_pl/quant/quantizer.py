@@ -15,7 +15,8 @@ class FakeQuantizer(nn.Module):
 
     ``dim`` is the channel dimension of the tensors it sees (None: per tensor) and ``channels`` its size. Runtime
     flags (set by :mod:`evolq_pl.quant.modes`): ``enabled`` fake-quantizes, ``observing``/``scoring`` feed the
-    observer during calibration and pass the input through unchanged.
+    observer during calibration and pass the input through unchanged. ``reuse_input``: the model promises that
+    every input is a temporary read by nobody else, so inference may quantize it in place (no new buffer).
     """
 
     def __init__(
@@ -24,12 +25,14 @@ class FakeQuantizer(nn.Module):
         observer: str = "minmax",
         channels: int | None = None,
         dim: int | None = None,
+        reuse_input: bool = False,
     ) -> None:
         super().__init__()
         if (channels is None) != (dim is None):
             raise ValueError("give both channels and dim for a per-channel quantizer, or neither for per-tensor")
         self.bit_type = bit_type
         self.dim = dim
+        self.reuse_input = reuse_input
         self.observer_name = observer
         self.observer = build_observer(observer, bit_type, dim)
         n = channels or 1
@@ -52,6 +55,11 @@ class FakeQuantizer(nn.Module):
                 self.observer.score(x)
             return x
         if self.enabled:
+            if x.dtype in (torch.bfloat16, torch.float16) and F.inplace_ok(x):
+                # the in-place path's first op upcasts on load (exactly): no float32 copy of a bf16 activation
+                return F.fake_quantize(x, self.scale, self.zero_point, self.bit_type, self.dim)
+            if self.reuse_input:
+                return F.fake_quantize_(x.float(), self.scale, self.zero_point, self.bit_type, self.dim)
             return F.fake_quantize(x.float(), self.scale, self.zero_point, self.bit_type, self.dim)
         return x
 

@@ -1,0 +1,156 @@
+"""Accuracy benchmark on Fashion-MNIST: FP vs calibrated baseline vs Evol-Q, per model, bit width and seed.
+
+    python -m benchmarks.accuracy --checkpoints checkpoints/vit12_fmnist.pth checkpoints/levit_fmnist.pth \
+        --bits 3:8 4:8 8:8 2:8 --seeds 0 1 2 --out benchmarks/accuracy.json
+
+Calibration and search use ``calib_size`` images drawn from the 60k train split with the run's seed; the 10k test
+split is read only to report numbers, after the search (nothing is selected on it). Per run it reports test top-1,
+top-1 agreement with the FP model, KL(FP || quantized) on the test set, the calibration fitness before and after
+the search, and wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, FashionMNISTDataModule  # noqa: E402
+from evolq_pl.module import EvolQModule  # noqa: E402
+from evolq_pl.quant.modes import calibrate, quantization_disabled  # noqa: E402
+
+
+@torch.no_grad()
+def test_logits(module: EvolQModule, loader, device: torch.device, fp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    module.qmodel.to(device).eval()
+    logits, labels = [], []
+    for x, y in loader:
+        x = x.to(device)
+        if fp:
+            with quantization_disabled(module.qmodel):
+                out = module.qmodel(x)
+        else:
+            out = module.qmodel(x)
+        logits.append(out.float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def compare(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    pred = logits.argmax(dim=1)
+    kl = torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True,
+                                    reduction="batchmean")
+    return {"top1": 100.0 * float((pred == labels).float().mean()),
+            "agree_fp": 100.0 * float((pred == fp_logits.argmax(1)).float().mean()),
+            "kl_fp": float(kl)}
+
+
+def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
+    device = torch.device(args.device)
+    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, heldout_size=0,
+                                  batch_size=100, test_batch_size=1000, seed=seed,
+                                  image_size=meta.get("image_size"))
+    data.setup("test")
+    module = EvolQModule(model_name=meta.get("timm_name", "vit_tiny_patch16_224"), checkpoint_path=ckpt,
+                         w_bits=w_bits, a_bits=a_bits, num_passes=args.passes, seed=seed).to(device)
+    fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
+    started = time.perf_counter()
+    calibrate(module.qmodel, data.calib_dataloader(), fit_on=module.qconfig.fit_on, device=device)
+    calib_s = time.perf_counter() - started
+    baseline = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+
+    started = time.perf_counter()
+    trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      inference_mode=False, precision=args.precision)
+    trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search
+    search_s = time.perf_counter() - started
+    searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+    return {"checkpoint": Path(ckpt).name, "model": module.hparams.model_name, "w_bits": w_bits,
+            "a_bits": a_bits, "seed": seed, "passes": args.passes, "calib_size": args.calib_size,
+            "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
+            "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
+            "calib_s": calib_s, "search_s": search_s,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: mean ± sd over seeds per (model, bits), and the share of the FP gap the search recovers."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["checkpoint"], r["w_bits"], r["a_bits"]), []).append(r)
+    out = ["| model | W/A | seeds | FP top-1 | baseline top-1 | Evol-Q top-1 | gap recovered | agree FP (base → Evol-Q) "
+           "| KL to FP (base → Evol-Q) | calib fitness (base → Evol-Q) | search s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ckpt, w, a), rs in groups.items():
+        fp = [r["fp"]["top1"] for r in rs]
+        base = [r["baseline"]["top1"] for r in rs]
+        evo = [r["evolq"]["top1"] for r in rs]
+        gap = statistics.mean(fp) - statistics.mean(base)
+        recovered = (statistics.mean(evo) - statistics.mean(base)) / gap if gap > 0 else float("nan")
+        out.append(
+            f"| {ckpt} | W{w}A{a} | {len(rs)} | {mean_sd(fp)} | {mean_sd(base)} | {mean_sd(evo)} | "
+            f"{recovered:.0%} | {statistics.mean(r['baseline']['agree_fp'] for r in rs):.2f} → "
+            f"{statistics.mean(r['evolq']['agree_fp'] for r in rs):.2f} | "
+            f"{statistics.mean(r['baseline']['kl_fp'] for r in rs):.4f} → "
+            f"{statistics.mean(r['evolq']['kl_fp'] for r in rs):.4f} | "
+            f"{statistics.mean(r['fitness_before'] for r in rs):.4f} → "
+            f"{statistics.mean(r['fitness_after'] for r in rs):.4f} | "
+            f"{statistics.mean(r['search_s'] for r in rs):.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="reference model files (with meta)")
+    parser.add_argument("--bits", nargs="+", default=["3:8", "4:8", "8:8"], help="W:A pairs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--calib-size", type=int, default=1000)
+    parser.add_argument("--passes", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT)
+    parser.add_argument("--out", default="benchmarks/accuracy.json")
+    args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    out = Path(args.out)
+    if out.is_file():  # resumable: rows already measured with the same settings are kept
+        rows = [r for r in json.loads(out.read_text()) if r["passes"] == args.passes
+                and r["calib_size"] == args.calib_size]
+    done = {(r["checkpoint"], r["w_bits"], r["a_bits"], r["seed"]) for r in rows}
+    for pair in args.bits:  # settings outermost: a time-limited run finishes whole rows, both models
+        w_bits, a_bits = (int(v) for v in pair.split(":"))
+        for ckpt in args.checkpoints:
+            for seed in args.seeds:
+                if (Path(ckpt).name, w_bits, a_bits, seed) in done:
+                    continue
+                row = run_one(ckpt, w_bits, a_bits, seed, args)
+                rows.append(row)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(rows, indent=1) + "\n")
+                print(f"{row['checkpoint']} W{w_bits}A{a_bits} seed {seed}: FP {row['fp']['top1']:.2f} "
+                      f"baseline {row['baseline']['top1']:.2f} Evol-Q {row['evolq']['top1']:.2f} "
+                      f"({row['search_s']:.0f} s search)", flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The in-place inference path (no autograd) gives the same bits as the reference formulas, everywhere the search
+runs: fake quantization, integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from evolq_pl.models.vit import QuantViT
+from evolq_pl.quant import functional as F
+from evolq_pl.quant.bit_types import BitType
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.layers import QLinear, int_layer_norm, weight_cache_disabled
+from evolq_pl.quant.modes import calibrate
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so also the sign of zeros), NaNs at the same places."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    return torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+
+
+def _both(fn):
+    with torch.no_grad():
+        fast = fn()
+        with F.reference_ops():
+            ref = fn()
+    return fast, ref
+
+
+@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (3, True), (2, True)])
+@pytest.mark.parametrize("dim,shape", [(None, (4, 50, 24)), (-1, (4, 50, 24)), (0, (24, 40)), (1, (3, 5, 7, 7))])
+@pytest.mark.parametrize("zero", [False, True])
+def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, zero):
+    bt = BitType(bits, signed)
+    g = torch.Generator().manual_seed(bits * 10 + len(shape))
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    flat[:8] = torch.tensor([-0.0, 0.0, float("nan"), -1e-30, 1e-30, -0.2, 0.25, 1e30])
+    channels = 1 if dim is None else shape[dim]
+    scale = torch.rand(channels, generator=g) * 0.1 + 0.01
+    zp = torch.zeros(channels) if zero else torch.randint(bt.qmin, bt.qmax + 1, (channels,), generator=g).float()
+    if dim is None:  # exact ties v = k + 1/2 of round(x/s + z)
+        scale[0] = 0.5
+        flat[8:12] = (torch.tensor([0.5, 1.5, 2.5, -0.5]) - zp[0]) * 0.5
+    fast, ref = _both(lambda: F.fake_quantize(x, scale, zp, bt, dim))
+    assert _same_bits(fast, ref)
+
+
+def test_inplace_path_is_only_taken_without_autograd():
+    x = torch.randn(10, requires_grad=True)
+    out = F.fake_quantize(x, torch.tensor([0.1]), torch.tensor([5.0]), BitType(4, False))
+    out.sum().backward()  # the straight-through estimator still sees the graph
+    assert x.grad is not None
+    assert not F.inplace_ok(x)
+    with torch.no_grad():
+        assert F.inplace_ok(x)
+        with F.reference_ops():
+            assert not F.inplace_ok(x)
+
+
+def test_pow2_int_is_exact_on_every_exponent_and_passes_nan():
+    n = torch.cat([torch.arange(32.0), torch.tensor([float("nan")])])
+    out = F.pow2_int(n)
+    assert torch.equal(out[:32], torch.pow(2.0, n[:32])) and out[32].isnan()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inplace_int_layer_norm_has_the_reference_bits(seed):
+    g = torch.Generator().manual_seed(seed)
+    channels = 48
+    base = torch.rand(1, generator=g) * 0.05 + 0.005
+    in_scale = base * 2.0 ** torch.randint(0, 4, (channels,), generator=g).float()
+    x = torch.round(torch.randn(3, 17, channels, generator=g) * 40) * in_scale
+    gamma = 1 + 0.3 * torch.randn(channels, generator=g)
+    gamma[:3] = torch.tensor([-0.7, 1e-30, 0.0])  # a negative, an underflowing and a zero gain
+    beta = 0.2 * torch.randn(channels, generator=g)
+    x[0, 0] = x[0, 0, :1]  # a constant row: zero variance
+    out_scale = torch.tensor([0.04])
+    fast, ref = _both(lambda: int_layer_norm(x, in_scale, out_scale, gamma, beta))
+    assert _same_bits(fast, ref)
+
+
+@torch.no_grad()
+def _tiny_deit(seed: int = 0) -> QuantViT:
+    torch.manual_seed(seed)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              num_classes=10, embed_dim=48, depth=2, num_heads=3).eval()
+    for m in model.modules():  # unit-gain weights: signals that survive quantization (see tests/models)
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0, m.in_features**-0.5)
+            m.bias.normal_(0, 0.1)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.2)
+    model.cls_token.normal_(0, 1)
+    model.pos_embed.normal_(0, 0.5)
+    qmodel = QuantViT(model, QuantConfig(w_bits=4), "deit_tiny_patch16_224").eval()
+    calibrate(qmodel, [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10))])
+    return qmodel
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast):
+    qmodel = _tiny_deit()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return qmodel.forward_from(1, qmodel.forward_to(1, x)), qmodel(x)
+
+    (suffix, full), (suffix_ref, full_ref) = _both(run)
+    assert _same_bits(full, full_ref) and _same_bits(suffix, suffix_ref)
+    assert _same_bits(suffix, full)
+
+
+def test_bf16_weight_cast_is_cached_and_follows_scale_writes():
+    torch.manual_seed(0)
+    q = QLinear.from_float(nn.Linear(24, 6), BitType(4, False))
+    q.calibrate_weight()
+    q.weight_quantizer.enabled = True
+    x = torch.randn(3, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = q.compute_params(x)[0]
+        assert first.dtype == torch.bfloat16 and q.compute_params(x)[0] is first
+        before = q(x)
+        q.weight_quantizer.scale[1] *= 1.5
+        second = q.compute_params(x)[0]
+        assert second is not first and torch.equal(second, q.quantized_weight().to(torch.bfloat16))
+        assert not torch.equal(q(x), before)
+        with weight_cache_disabled():
+            assert torch.equal(q(x), torch.nn.functional.linear(x, q.quantized_weight(), q.bias))
+
+
+def test_weight_cache_disabled_requantizes_on_every_call_with_the_same_values():
+    torch.manual_seed(0)
+    q = QLinear.from_float(nn.Linear(24, 6), BitType(3, False), bias_correction=True)
+    q.calibrate_weight()
+    q.weight_quantizer.enabled = True
+    cached = q.quantized_weight()
+    with weight_cache_disabled():
+        fresh = q.quantized_weight()
+        assert fresh is not cached and fresh is not q.quantized_weight()
+        assert torch.equal(fresh, cached)
+    assert q.quantized_weight() is cached
+
+
+@pytest.mark.parametrize("dim", [None, -1])
+def test_fake_quantize_into_the_input_has_the_same_bits_and_falls_back_where_it_must(dim):
+    bt = BitType(8, False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 10, 16, generator=g) * 2
+    scale = torch.rand(1 if dim is None else 16, generator=g) * 0.05 + 0.01
+    zp = torch.randint(0, 256, scale.shape, generator=g).float()
+    with torch.no_grad():
+        expected = F.fake_quantize(x, scale, zp, bt, dim)
+        buffer = x.clone()
+        assert F.fake_quantize_(buffer, scale, zp, bt, dim) is buffer and _same_bits(buffer, expected)
+        strided = x.clone().transpose(0, 1)  # not contiguous: a fresh result, the input untouched
+        before = strided.clone()
+        assert _same_bits(F.fake_quantize_(strided, scale, zp, bt, dim), expected.transpose(0, 1))
+        assert _same_bits(strided, before)
+    leaf = x.clone().requires_grad_(True)  # autograd: the formula, the input untouched
+    assert torch.equal(F.fake_quantize_(leaf, scale, zp, bt, dim).detach(), expected)
+    assert torch.equal(leaf.detach(), x)
+
+
+def test_quantized_forward_leaves_the_images_and_parameters_untouched():
+    qmodel = _tiny_deit()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    images, params = x.clone(), {k: v.clone() for k, v in qmodel.state_dict().items()}
+    with torch.no_grad():
+        qmodel(x)
+    assert torch.equal(x, images)
+    assert all(torch.equal(v, params[k]) for k, v in qmodel.state_dict().items())

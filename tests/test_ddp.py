@@ -1,0 +1,71 @@
+"""Two CPU processes (DDP, gloo) search exactly like one, and only rank 0 writes logs and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3 * 2 * 2  # blocks x passes x generations
+
+
+def run_args(root: Path, ckpt: str, version: str, *extra: str) -> list[str]:
+    """Four calibration batches of 16, so each of two ranks scores two of them."""
+    return [
+        "fit", "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path", ckpt,
+        "--model.pretrained", "false", "--model.w_bits", "3", "--model.num_passes", "2",
+        "--model.population_size", "4", "--model.tournament_size", "3", "--model.num_cycles", "2",
+        "--model.seed", "5", "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64",
+        "--data.heldout_size", "0", "--data.batch_size", "16", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.version", version, *extra,
+    ]
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [s.value for s in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_decisions_as_one(tmp_path, tiny_vit_checkpoint):
+    cli_main(run_args(tmp_path, tiny_vit_checkpoint, "one"))
+    log = tmp_path / "ddp.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "cli.py", *run_args(tmp_path, tiny_vit_checkpoint, "two", "--trainer.strategy", "ddp",
+                                                 "--trainer.devices", "2")],
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=400)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "MEMBER: 2/2" in text and "distributed_backend=gloo" in text  # really two processes
+
+    one, two = tmp_path / "evolq" / "one", tmp_path / "evolq" / "two"
+    a = torch.load(one / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(two / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == STEPS
+    accepted = scalars(one, "search/accepted")
+    assert scalars(two, "search/accepted") == accepted and 0 < sum(accepted) < STEPS
+    assert scalars(two, "search/best_fitness") == pytest.approx(scalars(one, "search/best_fitness"), rel=1e-6)
+    assert a["evolq"]["population"]["uids"] == b["evolq"]["population"]["uids"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-6, atol=0, msg=key)
+
+    # rank 0 is the launched process; rank 1, its child, must have written nothing
+    events = sorted(p.name for p in two.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and f".{proc.pid}." in events[0]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "evolq").iterdir()) == ["one", "two"]
