@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -24,17 +26,19 @@ class Crash(Callback):
             raise RuntimeError("simulated pre-emption")
 
 
-def module(ckpt: str) -> EvolQModule:
-    return EvolQModule(model_name="vit_tiny_patch16_224", checkpoint_path=ckpt, w_bits=3, num_passes=1,
+def module(ckpt: str, model_name: str = "vit_tiny_patch16_224") -> EvolQModule:
+    return EvolQModule(model_name=model_name, checkpoint_path=ckpt, w_bits=3, num_passes=1,
                        population_size=4, tournament_size=3, num_cycles=2, seed=3)
 
 
-def fit(tmp_path, ckpt: str, callbacks=(), ckpt_path=None) -> tuple[EvolQModule, Trainer]:
-    m = module(ckpt)
+def fit(tmp_path, ckpt: str, callbacks=(), ckpt_path=None, model_name: str = "vit_tiny_patch16_224",
+        image_size: int | None = None) -> tuple[EvolQModule, Trainer]:
+    m = module(ckpt, model_name)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, inference_mode=False, callbacks=[saver, *callbacks])
-    trainer.fit(m, datamodule=DemoDataModule(calib_size=64, heldout_size=0, batch_size=32), ckpt_path=ckpt_path)
+    data = DemoDataModule(calib_size=64, heldout_size=0, batch_size=32, image_size=image_size)
+    trainer.fit(m, datamodule=data, ckpt_path=ckpt_path)
     return m, trainer
 
 
@@ -60,3 +64,15 @@ def test_resume_after_a_stop_is_bitwise_identical(tmp_path, tiny_vit_checkpoint,
     ref_scales, ref_fitness = reference
     assert all(torch.equal(a, b) for a, b in zip(scales(resumed), ref_scales, strict=True))
     assert resumed.current_fitness == ref_fitness
+
+
+def test_levit_resume_is_bitwise_identical(tmp_path):
+    """The resume machinery is model-agnostic; the shipped LeViT reference (8 search blocks) proves it."""
+    ckpt = str(Path(__file__).resolve().parents[1] / "checkpoints" / "levit_fmnist.pth")
+    levit = {"model_name": "levit_128s", "image_size": 96}
+    ref, _ = fit(tmp_path / "ref", ckpt, **levit)
+    with pytest.raises(RuntimeError, match="pre-emption"):
+        fit(tmp_path / "cut", ckpt, callbacks=[Crash(5)], **levit)
+    resumed, trainer = fit(tmp_path / "cut", ckpt, ckpt_path=str(tmp_path / "cut" / "last.ckpt"), **levit)
+    assert trainer.global_step == 8 * 2
+    assert all(torch.equal(a, b) for a, b in zip(scales(resumed), scales(ref), strict=True))
