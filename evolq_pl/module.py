@@ -128,9 +128,9 @@ class EvolQModule(LightningModule):
         self.schedule = block_schedule(len(self.blocks), num_passes)
         self.eps = [self.search_config.resolve_eps(b.bits) for b in self.blocks]
         num_classes = self.qmodel.num_classes
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.strict_loading = False  # checkpoints hold quantizer state only; on_load_checkpoint checks them
         self._weights_id = weights_fingerprint(self.qmodel)
         self._reset_search_state()

@@ -200,3 +200,16 @@ def test_search_lowers_heldout_infonce_against_the_calibrated_baseline(tmp_path)
     searched = trainer.validate(module, datamodule=data, verbose=False)[0]["heldout/infonce"]
     assert module.current_fitness < module.baseline_fitness
     assert searched < baseline
+
+
+def test_reported_top1_is_the_fraction_of_correct_images(tmp_path):
+    """ImageNet top-1 is micro accuracy (correct images / images), not torchmetrics' default per-class mean."""
+    module = make_module(eval_fp=True)
+    data = make_data()
+    result = make_trainer(tmp_path).test(module, datamodule=data, verbose=False)[0]["test/top1"]
+    hits = total = 0
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            hits += int((module.qmodel(x).argmax(1) == y).sum())  # quantizers are off: never calibrated here
+            total += len(y)
+    assert result == pytest.approx(100.0 * hits / total, abs=1e-4)
