@@ -11,7 +11,7 @@
 #
 # Output: speed_*.json and gpu_check.log under $OUT when set, else under outputs/gpu_check/.
 # Needs a python with torch (PYTHON, default python3). When timm, lightning or torchmetrics do not import, they
-# are installed into a venv (EVOLQ_GPU_VENV, default /tmp/evolq-gpu-venv) that sees that python's torch: from the
+# are installed into a venv (EVOLQ_GPU_VENV, default evolq-gpu-venv in $TMPDIR) that sees that python's torch: from the
 # wheels in .whl/ when that folder exists (pip install --no-index --find-links .whl), else from the index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
