@@ -64,7 +64,8 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
                                   image_size=meta.get("image_size"))
     data.setup("test")
     module = EvolQModule(model_name=meta.get("timm_name", "vit_tiny_patch16_224"), checkpoint_path=ckpt,
-                         w_bits=w_bits, a_bits=a_bits, num_passes=args.passes, seed=seed).to(device)
+                         w_bits=w_bits, a_bits=a_bits, num_passes=args.passes, seed=seed,
+                         **module_overrides(args.set)).to(device)
     fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
     started = time.perf_counter()
     calibrate(module.qmodel, data.calib_dataloader(), fit_on=module.qconfig.fit_on, device=device)
@@ -80,35 +81,72 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
     return {"checkpoint": Path(ckpt).name, "model": module.hparams.model_name, "w_bits": w_bits,
             "a_bits": a_bits, "seed": seed, "passes": args.passes, "calib_size": args.calib_size,
+            "settings": settings_key(args.set),
             "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
             "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
             "calib_s": calib_s, "search_s": search_s,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
-def mean_sd(values: list[float]) -> str:
+def parse_value(text: str) -> Any:
+    """``true``/``false``, a number, or the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def module_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs as EvolQModule arguments; ``quant.NAME=V`` goes to the QuantConfig (``quant_overrides``)."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: write NAME=VALUE, e.g. --set relative_mutation=true")
+        if key.startswith("quant."):
+            kwargs.setdefault("quant_overrides", {})[key.removeprefix("quant.")] = parse_value(value)
+        elif key in ("w_bits", "a_bits", "num_passes", "seed", "checkpoint_path", "model_name"):
+            raise SystemExit(f"--set {key}: use the benchmark's own option (--bits, --passes, --seeds, --checkpoints)")
+        else:
+            kwargs[key] = parse_value(value)
+    return kwargs
+
+
+def settings_key(pairs: list[str]) -> str:
+    """The ``--set`` pairs in a canonical order: rows of different settings never mix in one table line."""
+    return " ".join(sorted(pairs))
+
+
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:{sign}.2f}"
+    return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: mean ± sd over seeds per (model, bits), and the share of the FP gap the search recovers."""
-    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["checkpoint"], r["w_bits"], r["a_bits"]), []).append(r)
-    out = ["| model | W/A | seeds | FP top-1 | baseline top-1 | Evol-Q top-1 | gap recovered | agree FP (base → Evol-Q) "
-           "| KL to FP (base → Evol-Q) | calib fitness (base → Evol-Q) | search s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (ckpt, w, a), rs in groups.items():
+        search = f"{r['passes']} passes, {r['calib_size']} images {r.get('settings', '')}".strip()
+        groups.setdefault((r["checkpoint"], r["w_bits"], r["a_bits"], search), []).append(r)
+    out = ["| model | W/A | search | seeds | FP top-1 | baseline top-1 | Evol-Q top-1 | Δ top-1 (paired) | gap recovered "
+           "| agree FP (base → Evol-Q) | KL to FP (base → Evol-Q) | calib fitness (base → Evol-Q) | search s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ckpt, w, a, search), rs in groups.items():
         fp = [r["fp"]["top1"] for r in rs]
         base = [r["baseline"]["top1"] for r in rs]
         evo = [r["evolq"]["top1"] for r in rs]
+        delta = [e - b for e, b in zip(evo, base, strict=True)]
         gap = statistics.mean(fp) - statistics.mean(base)
         recovered = (statistics.mean(evo) - statistics.mean(base)) / gap if gap > 0 else float("nan")
         out.append(
-            f"| {ckpt} | W{w}A{a} | {len(rs)} | {mean_sd(fp)} | {mean_sd(base)} | {mean_sd(evo)} | "
-            f"{recovered:.0%} | {statistics.mean(r['baseline']['agree_fp'] for r in rs):.2f} → "
+            f"| {ckpt} | W{w}A{a} | {search} | {len(rs)} | {mean_sd(fp)} | {mean_sd(base)} | {mean_sd(evo)} | "
+            f"{mean_sd(delta, signed=True)} | {recovered:.0%} | {statistics.mean(r['baseline']['agree_fp'] for r in rs):.2f} → "
             f"{statistics.mean(r['evolq']['agree_fp'] for r in rs):.2f} | "
             f"{statistics.mean(r['baseline']['kl_fp'] for r in rs):.4f} → "
             f"{statistics.mean(r['evolq']['kl_fp'] for r in rs):.4f} | "
@@ -120,7 +158,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="reference model files (with meta)")
+    parser.add_argument("--checkpoints", nargs="+", help="reference model files (with meta)")
     parser.add_argument("--bits", nargs="+", default=["3:8", "4:8", "8:8"], help="W:A pairs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calib-size", type=int, default=1000)
@@ -128,19 +166,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT)
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="EvolQModule arguments (eps=3e-3, relative_mutation=true, search_mlp=true) or "
+                             "quant.NAME=VALUE for the QuantConfig (quant.fit_on=all, quant.bias_correction=false)")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
+    parser.add_argument("--report", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args(argv)
+    if args.report:
+        if not Path(args.out).is_file():
+            raise SystemExit(f"--report: {args.out} does not exist; run the benchmark first or pass --out FILE")
+        print(table(json.loads(Path(args.out).read_text())))
+        return
+    if not args.checkpoints:
+        parser.error("--checkpoints is required (e.g. checkpoints/levit_fmnist.pth), unless --report")
     rows: list[dict[str, Any]] = []
     out = Path(args.out)
     if out.is_file():  # resumable: rows already measured with the same settings are kept
-        rows = [r for r in json.loads(out.read_text()) if r["passes"] == args.passes
-                and r["calib_size"] == args.calib_size]
-    done = {(r["checkpoint"], r["w_bits"], r["a_bits"], r["seed"]) for r in rows}
+        rows = json.loads(out.read_text())
+    module_overrides(args.set)  # a malformed --set fails before any work
+    done = {(r["checkpoint"], r["w_bits"], r["a_bits"], r["seed"], r["passes"], r["calib_size"],
+             r.get("settings", "")) for r in rows}
     for pair in args.bits:  # settings outermost: a time-limited run finishes whole rows, both models
         w_bits, a_bits = (int(v) for v in pair.split(":"))
         for ckpt in args.checkpoints:
             for seed in args.seeds:
-                if (Path(ckpt).name, w_bits, a_bits, seed) in done:
+                if (Path(ckpt).name, w_bits, a_bits, seed, args.passes, args.calib_size,
+                        settings_key(args.set)) in done:
                     continue
                 row = run_one(ckpt, w_bits, a_bits, seed, args)
                 rows.append(row)

@@ -33,8 +33,6 @@ from lightning.pytorch import Callback
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = "evolq-stamp"
 DEMO_WEIGHTS = ROOT / "checkpoints" / "vit6_fmnist.pth"
-TINY_KWARGS = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 3,
-               "num_heads": 3}
 
 
 class GenerationStamp(Callback):
@@ -50,28 +48,6 @@ class GenerationStamp(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.real:
             print(f"{STAMP} end {trainer.global_step - 1}", flush=True)
-
-
-def train_tiny_vit(path: Path) -> None:
-    """The test suite's model: a 3-block ViT trained for eight epochs on the shipped demo images."""
-    import timm
-    import torch
-
-    from evolq_pl.data import DemoDataModule
-
-    torch.manual_seed(0)
-    data = DemoDataModule(calib_size=4000, heldout_size=0, batch_size=64)
-    data.setup("fit")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KWARGS)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    model.train()
-    for _ in range(8):
-        for x, y in torch.utils.data.DataLoader(data.calib_set, batch_size=64, shuffle=True):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.save({"state_dict": model.state_dict(), "meta": {"model_kwargs": TINY_KWARGS}}, path)
 
 
 def search_args(weights: Path, save_dir: Path, passes: int, calib: int) -> list[str]:
@@ -184,6 +160,9 @@ def main() -> None:
     if weights is None:
         weights = work / "tiny_vit.pth"
         if not weights.is_file():
+            sys.path.insert(0, str(ROOT))
+            from evolq_pl.testing import train_tiny_vit
+
             started = time.perf_counter()
             train_tiny_vit(weights)
             print(f"trained the tiny ViT in {time.perf_counter() - started:.0f} s -> {weights}")
