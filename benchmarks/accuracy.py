@@ -59,7 +59,8 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
     meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
     device = torch.device(args.device)
-    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, heldout_size=0,
+    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size,
+                                  heldout_size=args.heldout_size,
                                   batch_size=100, test_batch_size=1000, seed=seed,
                                   image_size=meta.get("image_size"))
     data.setup("test")
@@ -75,13 +76,14 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     started = time.perf_counter()
     trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      inference_mode=False, precision=args.precision)
+                      inference_mode=False, precision=args.precision, num_sanity_val_steps=0,
+                      check_val_every_n_epoch=len(module.blocks))  # held-out selection once per pass
     trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search
     search_s = time.perf_counter() - started
     searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
     return {"checkpoint": Path(ckpt).name, "model": module.hparams.model_name, "w_bits": w_bits,
             "a_bits": a_bits, "seed": seed, "passes": args.passes, "calib_size": args.calib_size,
-            "settings": settings_key(args.set),
+            "settings": settings_key(args),
             "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
             "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
             "calib_s": calib_s, "search_s": search_s,
@@ -116,9 +118,10 @@ def module_overrides(pairs: list[str]) -> dict[str, Any]:
     return kwargs
 
 
-def settings_key(pairs: list[str]) -> str:
-    """The ``--set`` pairs in a canonical order: rows of different settings never mix in one table line."""
-    return " ".join(sorted(pairs))
+def settings_key(args: argparse.Namespace) -> str:
+    """The ``--set`` pairs (and a held-out split) in a canonical order: different settings never share a line."""
+    pairs = sorted(args.set) + ([f"heldout_size={args.heldout_size}"] if args.heldout_size else [])
+    return " ".join(pairs)
 
 
 def mean_sd(values: list[float], signed: bool = False) -> str:
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", nargs="+", default=["3:8", "4:8", "8:8"], help="W:A pairs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calib-size", type=int, default=1000)
+    parser.add_argument("--heldout-size", type=int, default=0,
+                        help="train images held out for selection (with --set selection=heldout); never the test set")
     parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true")
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         for ckpt in args.checkpoints:
             for seed in args.seeds:
                 if (Path(ckpt).name, w_bits, a_bits, seed, args.passes, args.calib_size,
-                        settings_key(args.set)) in done:
+                        settings_key(args)) in done:
                     continue
                 row = run_one(ckpt, w_bits, a_bits, seed, args)
                 rows.append(row)
