@@ -1,7 +1,8 @@
-"""A small real model for tests and scripts: a 3-block ViT trained on the shipped demo images.
+"""Small models for tests and scripts: a 3-block ViT trained on the shipped demo images, and tiny random ViTs.
 
 The test suite and ``scripts/fault_injection.py`` both need a trained, non-degenerate transformer that builds in
-seconds on a CPU; this is the one recipe they share.
+seconds on a CPU; ``train_tiny_vit`` is the one recipe they share. ``unit_gain_vit`` is the untrained tiny ViT/DeiT
+that the model and fast-path tests build.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch import nn
 
 from evolq_pl.data import DemoDataModule
 
@@ -35,3 +37,28 @@ def train_tiny_vit(path: str | Path, epochs: int = 8, seed: int = 0) -> Path:
     path = Path(path)
     torch.save({"state_dict": model.state_dict(), "meta": {"model_kwargs": TINY_VIT_KWARGS}}, path)
     return path
+
+
+@torch.no_grad()
+def unit_gain_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, depth: int = 2, **kwargs) -> nn.Module:
+    """A tiny random timm ViT/DeiT (32 px, patch 8, width 48) whose signals propagate like a trained one's.
+
+    timm's own init (std 0.02) makes attention so uniform and its contribution to the residual stream so small
+    that after quantization the class token carries no image information at all; unit-gain weights and random
+    LayerNorm affines avoid that.
+    """
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, num_classes=10, embed_dim=48,
+                              depth=depth, num_heads=3, **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0, m.in_features**-0.5)
+            m.bias.normal_(0, 0.1)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.2)
+    model.cls_token.normal_(0, 1)
+    if model.reg_token is not None:
+        model.reg_token.normal_(0, 1)
+    model.pos_embed.normal_(0, 0.5)
+    return model

@@ -5,7 +5,6 @@ import copy
 import io
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -14,34 +13,14 @@ from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.layers import QConv2d, QLinear
 from evolq_pl.quant.modes import calibrate, quantization_disabled, set_quantized
 from evolq_pl.quant.quantizer import FakeQuantizer
+from evolq_pl.testing import unit_gain_vit
 
 DEIT, VIT = "deit_tiny_patch16_224", "vit_tiny_patch16_224"
 DEPTH = 2
 
 
-@torch.no_grad()
 def _timm(name: str = DEIT, seed: int = 0, **kwargs) -> nn.Module:
-    """A tiny timm model whose signals propagate like a trained one's.
-
-    timm's own init (std 0.02) makes attention so uniform and its contribution to the residual stream so small
-    that after quantization the class token carries no image information at all; unit-gain weights and random
-    LayerNorm affines avoid that.
-    """
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, num_classes=10, embed_dim=48,
-                              depth=DEPTH, num_heads=3, **kwargs).eval()
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.weight.normal_(0, m.in_features**-0.5)
-            m.bias.normal_(0, 0.1)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.normal_(1, 0.2)
-            m.bias.normal_(0, 0.2)
-    model.cls_token.normal_(0, 1)
-    if model.reg_token is not None:
-        model.reg_token.normal_(0, 1)
-    model.pos_embed.normal_(0, 0.5)
-    return model
+    return unit_gain_vit(name, seed, depth=DEPTH, **kwargs)
 
 
 def _images(seed: int, n: int = 4) -> torch.Tensor:

@@ -2,7 +2,6 @@
 runs: fake quantization, integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast."""
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -12,6 +11,7 @@ from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.layers import QLinear, int_layer_norm, weight_cache_disabled
 from evolq_pl.quant.modes import calibrate
+from evolq_pl.testing import unit_gain_vit
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -87,18 +87,7 @@ def test_inplace_int_layer_norm_has_the_reference_bits(seed):
 
 @torch.no_grad()
 def _tiny_deit(seed: int = 0) -> QuantViT:
-    torch.manual_seed(seed)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              num_classes=10, embed_dim=48, depth=2, num_heads=3).eval()
-    for m in model.modules():  # unit-gain weights: signals that survive quantization (see tests/models)
-        if isinstance(m, nn.Linear):
-            m.weight.normal_(0, m.in_features**-0.5)
-            m.bias.normal_(0, 0.1)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.normal_(1, 0.2)
-            m.bias.normal_(0, 0.2)
-    model.cls_token.normal_(0, 1)
-    model.pos_embed.normal_(0, 0.5)
+    model = unit_gain_vit("deit_tiny_patch16_224", seed, depth=2)
     qmodel = QuantViT(model, QuantConfig(w_bits=4), "deit_tiny_patch16_224").eval()
     calibrate(qmodel, [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10))])
     return qmodel
