@@ -40,6 +40,7 @@ from evolq_pl.models import PAPER_MODELS, create_fp_model, quantize_model
 from evolq_pl.module import suffix_fitness
 from evolq_pl.quant import functional as QF
 from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.fused import fused_kernels
 from evolq_pl.quant.layers import weight_cache_disabled
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 from evolq_pl.search.evolution import Population, generation, mutate
@@ -47,7 +48,7 @@ from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig
 
 PRECISIONS = ("32-true", "bf16-mixed")
-OPS = ("fast", "reference")
+OPS = ("fast", "reference", "fused")
 TARGET_FLOOR_RATIO = 1.3  # candidate / floor, at most
 TARGET_NAIVE_RATIO = 3.0  # naive / candidate averaged over the blocks of a 12-block model, at least
 
@@ -65,9 +66,13 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 
 @contextmanager
 def ops_mode(ops: str) -> Iterator[None]:
-    """``reference``: the quantizer formulas out of place, as before the in-place inference path (the 'before')."""
+    """``reference``: the quantizer formulas out of place, as before the in-place inference path (the 'before');
+    ``fused``: the in-place path with each quantizer and integer LayerNorm as one compiled kernel."""
     if ops == "fast":
         yield
+    elif ops == "fused":
+        with fused_kernels():
+            yield
     elif ops == "reference":
         with QF.reference_ops():
             yield
@@ -367,6 +372,9 @@ def summarize(rows: list[dict[str, Any]], depth: int, ops_list: list[str]) -> di
     if "fast" in ops_list and "reference" in ops_list:
         out["reference_over_fast_candidate"] = statistics.mean(
             r["ops"]["reference"]["candidate_s"] / r["ops"]["fast"]["candidate_s"] for r in rows)
+    if "fast" in ops_list and "fused" in ops_list:
+        out["fast_over_fused_candidate"] = statistics.mean(
+            r["ops"]["fast"]["candidate_s"] / r["ops"]["fused"]["candidate_s"] for r in rows)
     out["peak_mib_floor"] = max(r["peak_mib_floor"] for r in rows)
     return out
 
@@ -408,6 +416,8 @@ def print_summary(run: dict[str, Any], ops_list: list[str]) -> None:
                   f"candidate/floor {est['candidate_over_floor']:.2f}, naive/candidate {est['naive_over_candidate']:.2f}")
     if "reference_over_fast_candidate" in s:
         print(f"   reference ops / fast ops per candidate: {s['reference_over_fast_candidate']:.2f}x")
+    if "fast_over_fused_candidate" in s:
+        print(f"   fast ops / fused ops per candidate: {s['fast_over_fused_candidate']:.2f}x")
 
 
 # -- command line -------------------------------------------------------------------------------------------------
@@ -423,7 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=100, help="calibration batch size (Evol-Q: 100)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ops", nargs="+", default=["fast"], choices=OPS,
-                   help="fast: the in-place inference path; reference: the out-of-place formulas (before/after)")
+                   help="fast: the in-place inference path; reference: the out-of-place formulas (before/after); "
+                        "fused: fast with compiled one-pass quantizer kernels (evolq_pl.quant.fused)")
     p.add_argument("--calib-batches", type=int, default=1, help="batches the quantizers are calibrated on")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=8)

@@ -27,6 +27,7 @@ from evolq_pl.models import create_quantized_model
 from evolq_pl.models.base import QuantizedModel
 from evolq_pl.models.registry import weights_fingerprint
 from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.fused import use_fused
 from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, set_quantized
 from evolq_pl.search.evolution import Population, generation
 from evolq_pl.search.scales import ScaleVector
@@ -85,6 +86,8 @@ class EvolQModule(LightningModule):
             the original's per-block selection pointed at a split of train, never at the test set.
         seed: seeds the search's random generator (selection and mutation).
         eval_fp: validate/test the FP model instead of the quantized one.
+        fused: run fake-quantization and integer LayerNorm as compiled one-pass kernels (``torch.compile``); the
+            same bits as without, faster on large activations, a compile on first use (evolq_pl.quant.fused).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class EvolQModule(LightningModule):
         selection: Literal["none", "heldout"] = "none",
         seed: int = 0,
         eval_fp: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -223,6 +227,7 @@ class EvolQModule(LightningModule):
     # -- Lightning hooks: fit --------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        use_fused(self.hparams.fused)
         if stage == "fit":
             strategy = self.trainer.strategy
             if isinstance(strategy, DDPStrategy) and not isinstance(strategy, SearchDDPStrategy):
@@ -338,6 +343,9 @@ class EvolQModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         self._block_inputs = []
         self._prepared_visit = None
+
+    def teardown(self, stage: str) -> None:
+        use_fused(False)  # process-wide switch: leave nothing behind for other models in this process
 
     def on_fit_end(self) -> None:
         if self.best_snapshot is not None:

@@ -2,9 +2,10 @@
 # GPU speed check of the search loop: ViT-Base at 224, 1000 calibration images (10 batches of 100), one GPU,
 # 32-true and bf16-mixed. Prints per block position the seconds per candidate, per generation, of the FP floor
 # and of the original's naive loop, with the ratios candidate/floor (target <= 1.3) and naive/candidate
-# (target >= 3 averaged over the 12 positions); then a short before/after of the in-place inference path
-# (--ops fast reference) on up to three positions. Each precision starts no new block position after 130 s
-# (the before/after after 45 s), so the script should end within about 8 minutes on an H100.
+# (target >= 3 averaged over the 12 positions); then the eager inference path next to the compiled one-pass
+# quantizer kernels (--ops fast fused, evolq_pl.quant.fused) on up to three positions. Each precision starts no new
+# block position after 130 s (the fast/fused comparison after 45 s, plus its compiles), so the script should end
+# within about 9 minutes on an H100.
 #
 #   scripts/gpu_check.sh                          # run from anywhere; works from the repo root
 #   EVOLQ_GPU_CHECK_SMOKE=1 scripts/gpu_check.sh  # CPU smoke run of the same steps (DeiT-Tiny, 4 images, last block)
@@ -73,8 +74,8 @@ BLOCK_ARGS=()
 "$PY" -m benchmarks.speed --device "$DEVICE" --models "$MODEL" --calib-sizes "$N" --batch-size "$BS" \
     --repeats "$REPEATS" --precision 32-true bf16-mixed --ops fast --budget-s "$BUDGET" "${BLOCK_ARGS[@]}" \
     "${EXTRA[@]}" --out "$DEST/speed_${MODEL}_${N}.json" 2>&1 | tee -a "$LOG"
-# before/after of the in-place inference path, side by side in one run, three positions, fp32
+# eager next to fused kernels, side by side in one run, three positions, fp32
 "$PY" -m benchmarks.speed --device "$DEVICE" --models "$MODEL" --calib-sizes "$N" --batch-size "$BS" \
-    --repeats 2 --precision 32-true --ops fast reference --blocks "$AB_BLOCKS" --budget-s "$AB_BUDGET" \
+    --repeats 2 --precision 32-true --ops fast fused --blocks "$AB_BLOCKS" --budget-s "$AB_BUDGET" \
     "${EXTRA[@]}" --out "$DEST/speed_${MODEL}_${N}_ops_ab.json" 2>&1 | tee -a "$LOG"
 echo "gpu_check done in $(( $(date +%s) - START )) s; results in $DEST" | tee -a "$LOG"

@@ -213,3 +213,13 @@ def test_reported_top1_is_the_fraction_of_correct_images(tmp_path):
             hits += int((module.qmodel(x).argmax(1) == y).sum())  # quantizers are off: never calibrated here
             total += len(y)
     assert result == pytest.approx(100.0 * hits / total, abs=1e-4)
+
+
+def test_fused_kernels_give_the_same_search(tmp_path):
+    runs = {}
+    for fused in (False, True):
+        module = make_module(num_passes=1, fused=fused)
+        make_trainer(tmp_path / str(fused)).fit(module, datamodule=make_data())
+        runs[fused] = (search_scales(module), module.current_fitness)
+    assert runs[True][1] == runs[False][1]
+    assert all(torch.equal(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True))

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
+from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 
 EPS = torch.finfo(torch.float32).eps
@@ -90,8 +91,11 @@ def _fake_quantize_inplace(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
     addcdiv is z + x/s with the division rounded first. Without autograd round_ste(v) = v + (round(v) - v) is
     round(v) exactly, except that it turns round's -0 (v in [-0.5, 0)) into +0: on an unsigned grid clamping
     first gives that +0, on a signed one adding +0.0 does. An infinite x gives the grid's end where round_ste
-    gives NaN; activations and weights never overflow (scales are >= float32 eps).
+    gives NaN; activations and weights never overflow (scales are >= float32 eps). With fused kernels on, the
+    same formula runs as one compiled pass.
     """
+    if fused.fused_enabled():
+        return fused.fake_quantize(x, scale, zero_point, bt.qmin, bt.qmax, inplace=out is x)
     out = torch.addcdiv(zero_point, x, scale, out=out)
     if bt.qmin >= 0:
         out.clamp_(bt.qmin, bt.qmax).round_()

@@ -10,6 +10,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from evolq_pl.quant import functional as F
+from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.quantizer import FakeQuantizer, Log2Quantizer
 
@@ -161,6 +162,8 @@ def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Ten
                    gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Integer LayerNorm: power-of-two channel alignment, integer statistics, dyadic affine (eps dropped)."""
     if F.inplace_ok(x, in_scale, out_scale, gamma, beta):
+        if fused.fused_enabled():
+            return fused.int_layer_norm(x, in_scale, out_scale, gamma, beta)
         return _int_layer_norm_inplace(x, in_scale, out_scale, gamma, beta)
     channels = x.shape[-1]
     s_min = in_scale.min()

@@ -1,0 +1,143 @@
+"""Fused kernels for the inference path: each fake-quantizer and each integer LayerNorm in one pass.
+
+A candidate evaluation is dominated by elementwise passes over activation-sized tensors: a fake-quantizer is five
+of them, an integer LayerNorm about twenty. ``torch.compile`` (inductor) fuses each chain into one loop. Only
+operations that IEEE 754 rounds exactly are fused (add, mul, true division, round, floor, clamp, sign, log2 and
+exp2 on the values they see here), with inductor told to keep divisions as divisions and to round as eager does;
+the two LayerNorm reductions stay eager, since a reordered sum changes the last bit. The fused results are bitwise
+equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search.
+
+Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
+a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
+does so for its fit and test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+# inductor options that keep eager's bits: x / s stays a division (not x * (1/s)), casts round as eager does
+_EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
+_RECOMPILE_LIMIT = 64  # one graph per rank, dtype and per-channel layout; a model has a few dozen
+
+_state: dict[str, Any] = {"enabled": False, "kernels": {}}
+
+
+def use_fused(enabled: bool) -> None:
+    """Route fake-quantization and integer LayerNorm through the compiled kernels (process-wide)."""
+    if enabled:
+        _check_compile_available()
+        import torch._dynamo
+
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+    _state["enabled"] = bool(enabled)
+
+
+def fused_enabled() -> bool:
+    return _state["enabled"]
+
+
+@contextmanager
+def fused_kernels(enabled: bool = True) -> Iterator[None]:
+    """``use_fused`` for a block of code (tests, benchmarks)."""
+    saved = _state["enabled"]
+    use_fused(enabled)
+    try:
+        yield
+    finally:
+        _state["enabled"] = saved
+
+
+def _check_compile_available() -> None:
+    if not hasattr(torch, "compile"):
+        raise RuntimeError("fused=true needs torch.compile (torch >= 2.0); set fused: false")
+    import shutil
+
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise RuntimeError("fused=true compiles C++ kernels on CPU but no C++ compiler (g++/clang++) was found; "
+                           "install one or set fused: false")
+
+
+def _kernel(name: str, fn: Callable) -> Callable:
+    """``fn`` compiled once per process with shape-generic kernels."""
+    kernels = _state["kernels"]
+    if name not in kernels:
+        kernels[name] = torch.compile(fn, dynamic=True, options=dict(_EXACT))
+    return kernels[name]
+
+
+# -- fake quantization ----------------------------------------------------------------------------------------------
+
+def _fq_unsigned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
+                 qmax: float) -> torch.Tensor:
+    # clamp before round: eager's round_ste gives +0 where round gives -0 (see functional._fake_quantize_inplace)
+    q = torch.clamp(x / scale + zero_point, qmin, qmax).round()
+    return (q - zero_point) * scale
+
+
+def _fq_signed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
+               qmax: float) -> torch.Tensor:
+    q = torch.round(x / scale + zero_point)
+    q = torch.clamp(torch.where(q == 0, 0.0, q), qmin, qmax)  # eager's +0.0 turns round's -0 into +0;
+    return (q - zero_point) * scale  # inductor would fold an added 0.0 away
+
+
+def _fq_unsigned_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
+                  qmax: float) -> torch.Tensor:
+    return x.copy_(_fq_unsigned(x, scale, zero_point, qmin, qmax))
+
+
+def _fq_signed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
+                qmax: float) -> torch.Tensor:
+    return x.copy_(_fq_signed(x, scale, zero_point, qmin, qmax))
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  inplace: bool = False) -> torch.Tensor:
+    """(clamp(round(x/s + z), qmin, qmax) - z)·s in one pass; ``scale``/``zero_point`` already broadcastable.
+    ``inplace`` writes over ``x`` (a float32 temporary): on CPU a fresh buffer's first touch costs more than the
+    arithmetic."""
+    signed = qmin < 0
+    if inplace:
+        fn = _kernel("fq_signed_", _fq_signed_) if signed else _kernel("fq_unsigned_", _fq_unsigned_)
+    else:
+        fn = _kernel("fq_signed", _fq_signed) if signed else _kernel("fq_unsigned", _fq_unsigned)
+    return fn(x, scale, zero_point, float(qmin), float(qmax))
+
+
+# -- integer LayerNorm ----------------------------------------------------------------------------------------------
+
+def _ln_align(x: torch.Tensor, in_scale: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x_q = torch.round(x / in_scale) * ratio
+    return x_q, x_q * x_q
+
+
+def _ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, mean_over_std: torch.Tensor,
+               gamma: torch.Tensor, beta: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    a = s_over_std * gamma / out_scale
+    sign = torch.sign(a)
+    a_abs = a.abs().clamp(min=_TINY)
+    n = torch.clamp(-torch.floor(torch.log2(a_abs)) + 7, 0, 31)
+    pow_n = torch.exp2(n)
+    m = torch.clamp(torch.floor(a_abs * pow_n), 0, 255)
+    b = torch.round((-(mean_over_std * gamma) + beta) / out_scale * pow_n)
+    return out.copy_(torch.round((sign * m * x_q + b) / pow_n) * out_scale)
+
+
+def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, gamma: torch.Tensor,
+                   beta: torch.Tensor) -> torch.Tensor:
+    """``layers.int_layer_norm`` as two fused passes around its two (eager) sums; the same bits."""
+    channels = x.shape[-1]
+    s_min = in_scale.min()
+    x_q, work = _kernel("ln_align", _ln_align)(x, in_scale, torch.round(in_scale / s_min))
+    total = x_q.sum(dim=-1, keepdim=True)
+    mean = total / channels * s_min
+    var_int = (channels * work.sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
+    std = ((s_min / channels) * torch.sqrt(var_int)).clamp(min=_TINY)
+    return _kernel("ln_affine", _ln_affine)(x_q, work, s_min / std, mean / std, gamma, beta, out_scale)
