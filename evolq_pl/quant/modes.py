@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -141,3 +141,24 @@ def calibrate(model: nn.Module, batches: Iterable[Any], fit_on: str = "last",
     set_quantized(model, True)
     model.train(was_training)
     return n
+
+
+@contextmanager
+def quantized_parts(model: nn.Module, weights: bool = True, activations: bool = True, int_norm: bool = True,
+                    only_layers: Collection[nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Keep only some parts of a calibrated model quantized, to see which part its error comes from: weight
+    quantizers, activation quantizers (softmax included) and integer LayerNorm are switched independently;
+    ``only_layers`` keeps the weights of just these layers quantized (e.g. those a search tunes)."""
+    saved = _state(model)
+    try:
+        kept = None if only_layers is None else {id(m) for m in only_layers}
+        weight_qs = {id(layer.weight_quantizer): kept is None or id(layer) in kept for _, layer in weight_layers(model)}
+        for _, q in quantizers(model):
+            on = (weights and weight_qs[id(q)]) if id(q) in weight_qs else activations
+            q.enabled = q.enabled and on
+        for m in model.modules():
+            if isinstance(m, QIntLayerNorm):
+                m.int_mode = m.int_mode and int_norm
+        yield model
+    finally:
+        _restore(saved)

@@ -6,7 +6,7 @@ from torch import nn
 
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.layers import QIntLayerNorm, QLinear
-from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, set_quantized
+from evolq_pl.quant.modes import calibrate, quantization_disabled, quantized_parts, quantizers, set_quantized
 from evolq_pl.quant.observers import OMSEObserver, PTFObserver
 from evolq_pl.quant.quantizer import FakeQuantizer
 
@@ -164,3 +164,27 @@ def test_quantization_disabled_restores_the_previous_state_and_keep_int_norm_kee
     assert not torch.allclose(teacher, fp_ref, atol=1e-3)
     assert torch.equal(model(x), quantized)  # the context put everything back
     assert model.norm.int_mode and model.q_in.enabled
+
+
+def test_quantized_parts_switches_weights_activations_and_int_norm_apart_and_restores():
+    toy, batches = Toy(), _batches()
+    calibrate(toy, batches)
+    x = batches[1][0]
+    quantized = toy(x)
+    with quantized_parts(toy, activations=False):
+        assert toy.fc.weight_quantizer.enabled and not toy.q_out.enabled and not toy.q_ptf.enabled
+        weights_only = toy(x)
+        assert torch.equal(weights_only, 3 * x + toy.fc(x))
+    with quantized_parts(toy, weights=False):
+        assert not toy.fc.weight_quantizer.enabled and toy.q_out.enabled
+        assert torch.equal(toy.fc(x), nn.functional.linear(x, toy.fc.weight, toy.fc.bias))
+    assert torch.equal(toy(x), quantized)
+    with quantized_parts(toy, activations=False, only_layers=[]):  # no layer kept: the FP model
+        assert not any(q.enabled for _, q in quantizers(toy))
+    with quantized_parts(toy, activations=False, only_layers=[toy.fc]):
+        assert torch.equal(toy(x), weights_only)
+    normed = Normed()
+    calibrate(normed, batches)
+    with quantized_parts(normed, int_norm=False):
+        assert not normed.norm.int_mode and normed.q_in.enabled
+    assert normed.norm.int_mode
