@@ -68,26 +68,36 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
                          w_bits=w_bits, a_bits=a_bits, num_passes=args.passes, seed=seed,
                          **module_overrides(args.set)).to(device)
     fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
+    heldout = args.heldout_size > 0  # train images outside calibration: what a user may select on
+    if heldout:
+        fp_heldout, heldout_labels = test_logits(module, data.val_dataloader(), device, fp=True)
     started = time.perf_counter()
     calibrate(module.qmodel, data.calib_dataloader(), fit_on=module.qconfig.fit_on, device=device)
     calib_s = time.perf_counter() - started
     baseline = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+    if heldout:
+        baseline_heldout = compare(test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)
 
     started = time.perf_counter()
     trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       inference_mode=False, precision=args.precision, num_sanity_val_steps=0,
-                      check_val_every_n_epoch=len(module.blocks))  # held-out selection once per pass
+                      check_val_every_n_epoch=len(module.blocks),  # held-out selection once per pass
+                      limit_val_batches=1.0 if module.hparams.selection == "heldout" else 0)
     trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search
     search_s = time.perf_counter() - started
     searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+    extra = {}
+    if heldout:
+        extra["heldout"] = {"baseline": baseline_heldout, "evolq": compare(
+            test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)}
     return {"checkpoint": Path(ckpt).name, "model": module.hparams.model_name, "w_bits": w_bits,
             "a_bits": a_bits, "seed": seed, "passes": args.passes, "calib_size": args.calib_size,
             "settings": settings_key(args),
             "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
             "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
             "calib_s": calib_s, "search_s": search_s,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **extra}
 
 
 def parse_value(text: str) -> Any:
@@ -131,12 +141,41 @@ def mean_sd(values: list[float], signed: bool = False) -> str:
     return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: mean ± sd over seeds per (model, bits), and the share of the FP gap the search recovers."""
+def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, str], list[dict[str, Any]]]:
+    """Rows by (model, W, A, search settings): one table line each, seeds pooled."""
     groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
     for r in rows:
         search = f"{r['passes']} passes, {r['calib_size']} images {r.get('settings', '')}".strip()
         groups.setdefault((r["checkpoint"], r["w_bits"], r["a_bits"], search), []).append(r)
+    return groups
+
+
+def selection(rows: list[dict[str, Any]]) -> str:
+    """Per (model, W/A): the search settings with the best mean held-out top-1 (train images outside calibration),
+    and only then their test top-1. This is how a setting such as eps is chosen without reading the test set."""
+    by_bits: dict[tuple[str, int, int], list[tuple[float, str, list[dict[str, Any]]]]] = {}
+    for (ckpt, w, a, search), rs in group_rows(rows).items():
+        if all("heldout" in r for r in rs):
+            score = statistics.mean(r["heldout"]["evolq"]["top1"] for r in rs)
+            by_bits.setdefault((ckpt, w, a), []).append((score, search, rs))
+    if not by_bits:
+        return ""
+    out = ["| model | W/A | settings compared (held-out Evol-Q top-1) | held-out picks | its test top-1 (base → Evol-Q) "
+           "| gap recovered |", "|---|---|---|---|---|---|"]
+    for (ckpt, w, a), cands in by_bits.items():
+        score, search, rs = max(cands, key=lambda c: c[0])  # the first of equal scores
+        fp = statistics.mean(r["fp"]["top1"] for r in rs)
+        base = statistics.mean(r["baseline"]["top1"] for r in rs)
+        evo = statistics.mean(r["evolq"]["top1"] for r in rs)
+        compared = "; ".join(f"{s}: {c:.2f}" for c, s, _ in cands)
+        recovered = f"{(evo - base) / (fp - base):.0%}" if fp > base else "n/a"
+        out.append(f"| {ckpt} | W{w}A{a} | {compared} | {search} | {base:.2f} → {evo:.2f} | {recovered} |")
+    return "\n".join(out)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: mean ± sd over seeds per (model, bits), and the share of the FP gap the search recovers."""
+    groups = group_rows(rows)
     out = ["| model | W/A | search | seeds | FP top-1 | baseline top-1 | Evol-Q top-1 | Δ top-1 (paired) | gap recovered "
            "| agree FP (base → Evol-Q) | KL to FP (base → Evol-Q) | calib fitness (base → Evol-Q) | search s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         if not Path(args.out).is_file():
             raise SystemExit(f"--report: {args.out} does not exist; run the benchmark first or pass --out FILE")
-        print(table(json.loads(Path(args.out).read_text())))
+        report(json.loads(Path(args.out).read_text()))
         return
     if not args.checkpoints:
         parser.error("--checkpoints is required (e.g. checkpoints/levit_fmnist.pth), unless --report")
@@ -205,7 +244,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{row['checkpoint']} W{w_bits}A{a_bits} seed {seed}: FP {row['fp']['top1']:.2f} "
                       f"baseline {row['baseline']['top1']:.2f} Evol-Q {row['evolq']['top1']:.2f} "
                       f"({row['search_s']:.0f} s search)", flush=True)
+    report(rows)
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print(table(rows))
+    chosen = selection(rows)
+    if chosen:
+        print("\nChosen on held-out train images (never the test set):\n\n" + chosen)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.accuracy import main, module_overrides
+from benchmarks.accuracy import main, module_overrides, selection
 
 
 def test_set_pairs_become_module_and_quant_arguments():
@@ -42,3 +42,37 @@ def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, tmp
     last_table = table[table.rindex("| model |"):].strip()
     main(["--report", "--out", str(out)])  # the same table again, from the file alone
     assert capsys.readouterr().out.strip() == last_table
+
+
+def _row(settings: str, seed: int, test: float, heldout: float) -> dict:
+    top1 = lambda v: {"top1": v}  # noqa: E731
+    return {"checkpoint": "m.pth", "w_bits": 3, "a_bits": 8, "seed": seed, "passes": 10, "calib_size": 1000,
+            "settings": settings, "fp": top1(90.0), "baseline": top1(80.0), "evolq": top1(test),
+            "heldout": {"baseline": top1(79.0), "evolq": top1(heldout)}}
+
+
+def test_selection_picks_on_heldout_images_never_on_the_test_set():
+    rows = [_row("eps=0.001", s, test=88.0, heldout=80.0) for s in range(3)]  # best on test, worst held out
+    rows += [_row("eps=0.003", s, test=82.0, heldout=81.0 + s) for s in range(3)]
+    no_heldout = _row("eps=0.01", 0, test=89.0, heldout=99.0)
+    del no_heldout["heldout"]
+    rows.append(no_heldout)  # a setting without held-out numbers cannot be chosen
+    out = selection(rows)
+    line = next(x for x in out.splitlines() if x.startswith("| m.pth"))
+    assert "| 10 passes, 1000 images eps=0.003 |" in line and "80.00 → 82.00" in line and "| 20% |" in line
+    assert "eps=0.01" not in out
+    assert selection([{k: v for k, v in r.items() if k != "heldout"} for r in rows]) == ""
+
+
+@pytest.mark.slow
+def test_heldout_rows_report_heldout_top1_and_the_pick(tiny_vit_checkpoint, tmp_path, capsys):
+    out = tmp_path / "acc.json"
+    main(["--checkpoints", tiny_vit_checkpoint, "--bits", "3:8", "--seeds", "0", "--passes", "1", "--calib-size",
+          "100", "--heldout-size", "200", "--device", "cpu", "--out", str(out), "--set", "eps=0.003"])
+    (row,) = json.loads(out.read_text())
+    assert row["settings"] == "eps=0.003 heldout_size=200"
+    for which in ("baseline", "evolq"):
+        assert 0.0 <= row["heldout"][which]["top1"] <= 100.0
+    printed = capsys.readouterr().out
+    assert "Chosen on held-out train images" in printed and "| eps=0.003 heldout_size=200" not in printed
+    assert "1 passes, 100 images eps=0.003 heldout_size=200 |" in printed.split("Chosen")[1]
