@@ -3,10 +3,10 @@ and check that it ends bitwise identical to an uninterrupted run.
 
     python scripts/fault_injection.py --kills 6 --seed 1
 
-The search is the demo's (configs/demo.yaml: W3A8, population 15, tournament 10, 3 generations per visit), with 2
-passes instead of 3 and 200 calibration images instead of 500 to keep it short, on the demo's
-checkpoints/vit6_fmnist.pth, or, where that file is missing, on the trained 3-block test ViT, which the script then
-trains itself as tests/conftest.py does. Each process prints a stamp
+The search is the paper's recipe at W3A8 (population 15, tournament 10, 3 generations per visit) with 2 passes and
+200 of the demo's calibration images to keep it short, on the shipped 6-block ViT checkpoints/vit6_fmnist.pth, or,
+where that file is missing, on the trained 3-block test ViT, which the script then trains itself as
+tests/conftest.py does. Each process prints a stamp
 when a generation starts and ends (a callback added with ``--trainer.callbacks+=``), so the script knows where it
 kills: in the middle of a generation, right after one, inside the write of last.ckpt (its temporary file exists),
 or during start-up (import, calibration, restore).
