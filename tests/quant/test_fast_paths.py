@@ -32,12 +32,10 @@ def _both(fn):
     return fast, ref
 
 
-@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (3, True), (2, True)])
-@pytest.mark.parametrize("dim,shape", [(None, (4, 50, 24)), (-1, (4, 50, 24)), (0, (24, 40)), (1, (3, 5, 7, 7))])
-@pytest.mark.parametrize("zero", [False, True])
-def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, zero):
-    bt = BitType(bits, signed)
-    g = torch.Generator().manual_seed(bits * 10 + len(shape))
+def fq_inputs(bt: BitType, dim: int | None, shape: tuple, zero: bool, seed: int):
+    """Activations with signed zeros, tiny and huge values (and a NaN), per-channel scales and zero points, and
+    exact ties of round(x/s + z) on per-tensor grids: the cases where two formulas could round apart."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 3
     flat = x.view(-1)
     flat[:8] = torch.tensor([-0.0, 0.0, float("nan"), -1e-30, 1e-30, -0.2, 0.25, 1e30])
@@ -47,6 +45,15 @@ def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, 
     if dim is None:  # exact ties v = k + 1/2 of round(x/s + z)
         scale[0] = 0.5
         flat[8:12] = (torch.tensor([0.5, 1.5, 2.5, -0.5]) - zp[0]) * 0.5
+    return x, scale, zp
+
+
+@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (3, True), (2, True)])
+@pytest.mark.parametrize("dim,shape", [(None, (4, 50, 24)), (-1, (4, 50, 24)), (0, (24, 40)), (1, (3, 5, 7, 7))])
+@pytest.mark.parametrize("zero", [False, True])
+def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, zero):
+    bt = BitType(bits, signed)
+    x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits * 10 + len(shape))
     fast, ref = _both(lambda: F.fake_quantize(x, scale, zp, bt, dim))
     assert _same_bits(fast, ref)
 
@@ -69,19 +76,25 @@ def test_pow2_int_is_exact_on_every_exponent_and_passes_nan():
     assert torch.equal(out[:32], torch.pow(2.0, n[:32])) and out[32].isnan()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_inplace_int_layer_norm_has_the_reference_bits(seed):
+def int_ln_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    """(x, in_scale, out_scale, gamma, beta) of an integer LayerNorm on a PTF grid, with a negative, an underflowing
+    and a zero gain and a constant (zero-variance) row."""
     g = torch.Generator().manual_seed(seed)
     channels = 48
     base = torch.rand(1, generator=g) * 0.05 + 0.005
     in_scale = base * 2.0 ** torch.randint(0, 4, (channels,), generator=g).float()
     x = torch.round(torch.randn(3, 17, channels, generator=g) * 40) * in_scale
     gamma = 1 + 0.3 * torch.randn(channels, generator=g)
-    gamma[:3] = torch.tensor([-0.7, 1e-30, 0.0])  # a negative, an underflowing and a zero gain
+    gamma[:3] = torch.tensor([-0.7, 1e-30, 0.0])
     beta = 0.2 * torch.randn(channels, generator=g)
-    x[0, 0] = x[0, 0, :1]  # a constant row: zero variance
-    out_scale = torch.tensor([0.04])
-    fast, ref = _both(lambda: int_layer_norm(x, in_scale, out_scale, gamma, beta))
+    x[0, 0] = x[0, 0, :1]
+    return x, in_scale, torch.tensor([0.04]), gamma, beta
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inplace_int_layer_norm_has_the_reference_bits(seed):
+    args = int_ln_inputs(seed)
+    fast, ref = _both(lambda: int_layer_norm(*args))
     assert _same_bits(fast, ref)
 
 
@@ -93,8 +106,8 @@ def _tiny_deit(seed: int = 0) -> QuantViT:
     return qmodel
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast):
+def tiny_deit_run(autocast: bool):
+    """A forward of a calibrated 2-block DeiT both ways the search runs it: (suffix from block 1, whole model)."""
     qmodel = _tiny_deit()
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -102,7 +115,12 @@ def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return qmodel.forward_from(1, qmodel.forward_to(1, x)), qmodel(x)
 
-    (suffix, full), (suffix_ref, full_ref) = _both(run)
+    return run
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast):
+    (suffix, full), (suffix_ref, full_ref) = _both(tiny_deit_run(autocast))
     assert _same_bits(full, full_ref) and _same_bits(suffix, suffix_ref)
     assert _same_bits(suffix, full)
 
