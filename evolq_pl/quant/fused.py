@@ -5,7 +5,8 @@ of them, an integer LayerNorm about twenty. ``torch.compile`` (inductor) fuses e
 operations that IEEE 754 rounds exactly are fused (add, mul, true division, round, floor, clamp, sign, log2 and
 exp2 on the values they see here), with inductor told to keep divisions as divisions and to round as eager does;
 the two LayerNorm reductions stay eager, since a reordered sum changes the last bit. The fused results are bitwise
-equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search.
+equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search. That is
+checked on CPU; on a GPU (Triton kernels, whose log2/exp2 may differ) it has not been run yet.
 
 Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
 a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
