@@ -131,14 +131,12 @@ def _ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, m
     return out.copy_(torch.round((sign * m * x_q + b) / pow_n) * out_scale)
 
 
-def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor, gamma: torch.Tensor,
-                   beta: torch.Tensor) -> torch.Tensor:
-    """``layers.int_layer_norm`` as two fused passes around its two (eager) sums; the same bits."""
-    channels = x.shape[-1]
-    s_min = in_scale.min()
-    x_q, work = _kernel("ln_align", _ln_align)(x, in_scale, torch.round(in_scale / s_min))
-    total = x_q.sum(dim=-1, keepdim=True)
-    mean = total / channels * s_min
-    var_int = (channels * work.sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
-    std = ((s_min / channels) * torch.sqrt(var_int)).clamp(min=_TINY)
-    return _kernel("ln_affine", _ln_affine)(x_q, work, s_min / std, mean / std, gamma, beta, out_scale)
+def ln_align(x: torch.Tensor, in_scale: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer LayerNorm's first pass: the channel-aligned integers x_q and their squares."""
+    return _kernel("ln_align", _ln_align)(x, in_scale, ratio)
+
+
+def ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, mean_over_std: torch.Tensor,
+              gamma: torch.Tensor, beta: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """Integer LayerNorm's last pass, written into ``out``: dyadic gain and bias, rounding, output scale."""
+    return _kernel("ln_affine", _ln_affine)(x_q, out, s_over_std, mean_over_std, gamma, beta, out_scale)

@@ -162,17 +162,10 @@ def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Ten
                    gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Integer LayerNorm: power-of-two channel alignment, integer statistics, dyadic affine (eps dropped)."""
     if F.inplace_ok(x, in_scale, out_scale, gamma, beta):
-        if fused.fused_enabled():
-            return fused.int_layer_norm(x, in_scale, out_scale, gamma, beta)
         return _int_layer_norm_inplace(x, in_scale, out_scale, gamma, beta)
-    channels = x.shape[-1]
     s_min = in_scale.min()
     x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
-    total = x_q.sum(dim=-1, keepdim=True)
-    mean = total / channels * s_min
-    var_int = (channels * x_q.pow(2).sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
-    std = (s_min / channels) * torch.sqrt(var_int)
-    std = std.clamp(min=torch.finfo(torch.float32).tiny)
+    mean, std = _int_norm_stats(x_q, x_q.pow(2), s_min)
     a = (s_min / std) * gamma / out_scale
     a_abs = a.abs().clamp(min=torch.finfo(torch.float32).tiny)
     n = torch.clamp(7 - torch.floor(torch.log2(a_abs)), 0, 31)
@@ -181,20 +174,33 @@ def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Ten
     return torch.round((torch.sign(a) * m * x_q + b) / torch.pow(2.0, n)) * out_scale
 
 
+def _int_norm_stats(x_q: torch.Tensor, squares: torch.Tensor,
+                    s_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per row from the sums of the channel-aligned integers and of their squares (float32 sums,
+    left eager on every path: a reordered sum changes the last bit)."""
+    channels = x_q.shape[-1]
+    total = x_q.sum(dim=-1, keepdim=True)
+    mean = total / channels * s_min
+    var_int = (channels * squares.sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
+    std = (s_min / channels) * torch.sqrt(var_int)
+    return mean, std.clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def _int_layer_norm_inplace(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
                             gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """int_layer_norm's operations in the same order in five buffers (the formula makes ~30 fresh tensors);
     bitwise equal, for inference. 7 - t is computed as -t + 7, which IEEE defines alike; 2^n is computed once
-    (the formula has it thrice) and by exp2 where that is exact."""
-    channels = x.shape[-1]
+    (the formula has it thrice) and by exp2 where that is exact. With fused kernels on, the elementwise parts
+    before and after the two sums run as one compiled pass each."""
     s_min = in_scale.min()
-    x_q = torch.div(x, in_scale).round_().mul_(torch.round(in_scale / s_min))
+    ratio = torch.round(in_scale / s_min)
+    if fused.fused_enabled():
+        x_q, work = fused.ln_align(x, in_scale, ratio)
+        mean, std = _int_norm_stats(x_q, work, s_min)
+        return fused.ln_affine(x_q, work, s_min / std, mean / std, gamma, beta, out_scale)
+    x_q = torch.div(x, in_scale).round_().mul_(ratio)
     work = x_q.pow(2)  # the squares, then a, |a| and m
-    total = x_q.sum(dim=-1, keepdim=True)
-    mean = total / channels * s_min
-    var_int = (channels * work.sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
-    std = (s_min / channels) * torch.sqrt(var_int)
-    std = std.clamp(min=torch.finfo(torch.float32).tiny)
+    mean, std = _int_norm_stats(x_q, work, s_min)
     a = torch.mul(s_min / std, gamma, out=work).div_(out_scale)
     sign = torch.sign(a)
     a_abs = a.abs_().clamp_(min=torch.finfo(torch.float32).tiny)
