@@ -55,18 +55,25 @@ def compare(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor)
             "kl_fp": float(kl)}
 
 
-def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
+def load_reference(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace, heldout_size: int = 0,
+                   **module_kwargs: Any) -> tuple[EvolQModule, FashionMNISTDataModule]:
+    """A shipped reference model (its ``meta`` names the timm model and image size) as an EvolQModule on
+    ``args.device``, and its Fashion-MNIST splits: ``args.calib_size`` calibration images drawn with ``seed``."""
     meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
-    device = torch.device(args.device)
-    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size,
-                                  heldout_size=args.heldout_size,
+    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, heldout_size=heldout_size,
                                   batch_size=100, test_batch_size=1000, seed=seed,
                                   image_size=meta.get("image_size"))
     data.setup("test")
     module = EvolQModule(model_name=meta.get("timm_name", "vit_tiny_patch16_224"), checkpoint_path=ckpt,
-                         w_bits=w_bits, a_bits=a_bits, num_passes=args.passes, seed=seed,
-                         **module_overrides(args.set)).to(device)
+                         w_bits=w_bits, a_bits=a_bits, seed=seed, **module_kwargs)
+    return module.to(torch.device(args.device)), data
+
+
+def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
+    device = torch.device(args.device)
+    module, data = load_reference(ckpt, w_bits, a_bits, seed, args, heldout_size=args.heldout_size,
+                                  num_passes=args.passes, **module_overrides(args.set))
     fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
     heldout = args.heldout_size > 0  # train images outside calibration: what a user may select on
     if heldout:

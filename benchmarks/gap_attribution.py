@@ -22,9 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.accuracy import compare, test_logits  # noqa: E402
-from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, FashionMNISTDataModule  # noqa: E402
-from evolq_pl.module import EvolQModule  # noqa: E402
+from benchmarks.accuracy import compare, load_reference, test_logits  # noqa: E402
+from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT  # noqa: E402
 from evolq_pl.quant.modes import calibrate, quantized_parts  # noqa: E402
 
 # name -> which parts stay quantized (weights, activations, integer LayerNorm, only the searched layers' weights)
@@ -39,13 +38,8 @@ PARTS = {
 
 
 def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
     device = torch.device(args.device)
-    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, batch_size=100,
-                                  test_batch_size=1000, seed=seed, image_size=meta.get("image_size"))
-    data.setup("test")
-    module = EvolQModule(model_name=meta.get("timm_name", "vit_tiny_patch16_224"), checkpoint_path=ckpt,
-                         w_bits=w_bits, a_bits=a_bits, seed=seed).to(device)
+    module, data = load_reference(ckpt, w_bits, a_bits, seed, args)
     fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
     calibrate(module.qmodel, data.calib_dataloader(), fit_on=module.qconfig.fit_on, device=device)
     parts = {}
