@@ -14,6 +14,7 @@ from torch import nn
 
 from evolq_pl.models.base import QuantizedModel, SearchBlock
 from evolq_pl.models.registry import register_family
+from evolq_pl.quant import functional as F
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
 from evolq_pl.quant.quantizer import FakeQuantizer
@@ -37,7 +38,15 @@ def qlinear(linear: nn.Linear, cfg: QuantConfig) -> QLinear:
 
 
 class QAttention(nn.Module):
-    """Multi-head self-attention with quantized qkv, scores, softmax, attn·v and projection."""
+    """Multi-head self-attention with quantized qkv, scores, softmax, attn·v and projection.
+
+    The probabilities must be materialised to be quantized, where timm's fused attention never writes them. On CPU
+    the search's inference forwards therefore run the score-softmax-value part a few images at a time
+    (``chunk_bytes`` of scores per chunk), so that each chunk's scores stay in cache between their passes; every
+    op in it is per image and row, so the result has the same bits.
+    """
+
+    chunk_bytes = 2 << 20
 
     def __init__(self, attn: Attention, cfg: QuantConfig) -> None:
         super().__init__()
@@ -55,14 +64,54 @@ class QAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.q_qkv(self.qkv(x))
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.q_qkv(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim)
+        step = self._images_per_chunk(qkv)
+        if step >= b:
+            x = self._attend(qkv).transpose(1, 2)
+        else:
+            first = self._attend(qkv[:step]).transpose(1, 2)
+            x = first.new_empty((b, *first.shape[1:]))
+            x[:step] = first
+            for start in range(step, b, step):
+                x[start:start + step] = self._attend(qkv[start:start + step]).transpose(1, 2)
+        x = self.q_attn_v(self.norm(x.reshape(b, n, self.num_heads * self.head_dim)))
+        return self.q_proj(self.proj(x))
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ·scale)·v with the scores and probabilities quantized: (b, n, 3, h, d) -> (b, h, n, d)."""
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         scores = self.q_scores((q @ k.transpose(-2, -1)).mul_(self.scale))  # in place: one temporary less
         attn = self.softmax(scores, self.q_scores)
-        x = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        x = self.q_attn_v(self.norm(x))
-        return self.q_proj(self.proj(x))
+        return attn.to(v.dtype) @ v
+
+    def _images_per_chunk(self, qkv: torch.Tensor) -> int:
+        """Images per chunk: all of them unless this is a quantized CPU inference forward with fixed quantizers (an
+        observer must see the whole tensor; autograd, the reference formulas and FP mode keep the plain path)."""
+        b, n = qkv.shape[:2]
+        quantizers = (self.q_scores, self.softmax.quantizer)
+        if (qkv.device.type != "cpu" or not self.q_scores.enabled or not F.inplace_ok(qkv) or torch.is_grad_enabled()
+                or any(getattr(q, "observing", False) or getattr(q, "scoring", False) for q in quantizers)):
+            return b
+        return max(1, self.chunk_bytes // (self.num_heads * n * n * 4))
+
+
+def _add_into(tmp: torch.Tensor, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """x + tmp, written over ``tmp`` on the quantized inference path, where ``tmp`` is a temporary the block owns:
+    the same bits (IEEE addition commutes), without a fresh activation-sized buffer. With quantization off the
+    block computes out of place, as timm does."""
+    if (quantized and tmp.shape == x.shape and tmp.dtype == torch.promote_types(tmp.dtype, x.dtype)
+            and tmp.is_contiguous() and not torch.is_grad_enabled() and F.inplace_ok(tmp, x)):
+        return tmp.add_(x)
+    return x + tmp
+
+
+def _act_into(act: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+    """The MLP activation, written over fc1's fresh output where it is a GELU on the quantized inference path: the
+    same kernel, one activation-sized buffer less."""
+    if quantized and type(act) is nn.GELU and not torch.is_grad_enabled() and F.inplace_ok(x):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
 
 
 class QBlock(nn.Module):
@@ -90,11 +139,11 @@ class QBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
         h = self.q_ln1(self.norm1(x, in_q, self.q_ln1))
-        x = self.q_res1(x + self.ls1(self.attn(h)))
+        x = self.q_res1(_add_into(self.ls1(self.attn(h)), x, self.attn.q_proj.enabled))
         h = self.q_ln2(self.norm2(x, self.q_res1, self.q_ln2))
-        h = self.q_fc1(self.act(self.fc1(h)))
+        h = self.q_fc1(_act_into(self.act, self.fc1(h), self.q_fc1.enabled))
         h = self.q_fc2(self.fc2(self.mlp_norm(h)))
-        return self.q_out(x + self.ls2(h))
+        return self.q_out(_add_into(self.ls2(h), x, self.q_fc2.enabled))
 
 
 class QuantViT(QuantizedModel):

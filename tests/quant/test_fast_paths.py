@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from evolq_pl.models.vit import QuantViT
+from evolq_pl.models.vit import QAttention, QuantViT
 from evolq_pl.quant import functional as F
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.config import QuantConfig
@@ -119,10 +119,19 @@ def tiny_deit_run(autocast: bool):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast):
-    (suffix, full), (suffix_ref, full_ref) = _both(tiny_deit_run(autocast))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast, chunked, monkeypatch):
+    run = tiny_deit_run(autocast)
+    calls = []
+    if chunked:  # 2 images of scores per chunk: the batch of 5 runs its attention in chunks of 2, 2 and 1
+        monkeypatch.setattr(QAttention, "chunk_bytes", 2 * 3 * 17 * 17 * 4)
+        attend = QAttention._attend
+        monkeypatch.setattr(QAttention, "_attend", lambda self, qkv: calls.append(len(qkv)) or attend(self, qkv))
+    (suffix, full), (suffix_ref, full_ref) = _both(run)
     assert _same_bits(full, full_ref) and _same_bits(suffix, suffix_ref)
     assert _same_bits(suffix, full)
+    if chunked:  # 4 block forwards (prefix, suffix, whole model) in 3 chunks each; the reference path unchunked
+        assert calls == [2, 2, 1] * 4 + [5] * 4
 
 
 def test_bf16_weight_cast_is_cached_and_follows_scale_writes():
