@@ -31,12 +31,16 @@ _state: dict[str, Any] = {"enabled": False, "kernels": {}}
 
 def use_fused(enabled: bool) -> None:
     """Route fake-quantization and integer LayerNorm through the compiled kernels (process-wide)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
     if enabled:
         _check_compile_available()
-        import torch._dynamo
-
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+        if "saved_limit" not in _state:  # raised while on, given back when turned off
+            _state["saved_limit"] = config.recompile_limit
+            config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+    elif "saved_limit" in _state:
+        config.recompile_limit = _state.pop("saved_limit")
     _state["enabled"] = bool(enabled)
 
 
@@ -52,7 +56,7 @@ def fused_kernels(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        _state["enabled"] = saved
+        use_fused(saved)
 
 
 def _check_compile_available() -> None:

@@ -51,3 +51,13 @@ def test_fused_without_a_compiler_fails_with_a_hint(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="fused: false"), fused_kernels():
         pass
     assert not fused_enabled()
+
+
+def test_fused_raises_dynamos_recompile_limit_only_while_on():
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    with fused_kernels():
+        assert fused_enabled() and config.recompile_limit >= 64
+    assert not fused_enabled() and config.recompile_limit == before
