@@ -65,15 +65,8 @@ class QAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.q_qkv(self.qkv(x)).reshape(b, n, 3, self.num_heads, self.head_dim)
-        step = self._images_per_chunk(qkv)
-        if step >= b:
-            x = self._attend(qkv).transpose(1, 2)
-        else:
-            first = self._attend(qkv[:step]).transpose(1, 2)
-            x = first.new_empty((b, *first.shape[1:]))
-            x[:step] = first
-            for start in range(step, b, step):
-                x[start:start + step] = self._attend(qkv[start:start + step]).transpose(1, 2)
+        # one copy into (b, n, h, d) order, whether there is one chunk or several
+        x = torch.cat([self._attend(c).transpose(1, 2) for c in qkv.split(self._images_per_chunk(qkv))])
         x = self.q_attn_v(self.norm(x.reshape(b, n, self.num_heads * self.head_dim)))
         return self.q_proj(self.proj(x))
 
@@ -90,7 +83,7 @@ class QAttention(nn.Module):
         observer must see the whole tensor; autograd, the reference formulas and FP mode keep the plain path)."""
         b, n = qkv.shape[:2]
         quantizers = (self.q_scores, self.softmax.quantizer)
-        if (qkv.device.type != "cpu" or not self.q_scores.enabled or not F.inplace_ok(qkv) or torch.is_grad_enabled()
+        if (qkv.device.type != "cpu" or not self.q_scores.enabled or not F.inplace_ok(qkv)
                 or any(getattr(q, "observing", False) or getattr(q, "scoring", False) for q in quantizers)):
             return b
         return max(1, self.chunk_bytes // (self.num_heads * n * n * 4))
@@ -101,7 +94,7 @@ def _add_into(tmp: torch.Tensor, x: torch.Tensor, quantized: bool) -> torch.Tens
     the same bits (IEEE addition commutes), without a fresh activation-sized buffer. With quantization off the
     block computes out of place, as timm does."""
     if (quantized and tmp.shape == x.shape and tmp.dtype == torch.promote_types(tmp.dtype, x.dtype)
-            and tmp.is_contiguous() and not torch.is_grad_enabled() and F.inplace_ok(tmp, x)):
+            and tmp.is_contiguous() and F.inplace_ok(tmp, x)):
         return tmp.add_(x)
     return x + tmp
 
@@ -109,7 +102,7 @@ def _add_into(tmp: torch.Tensor, x: torch.Tensor, quantized: bool) -> torch.Tens
 def _act_into(act: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:
     """The MLP activation, written over fc1's fresh output where it is a GELU on the quantized inference path: the
     same kernel, one activation-sized buffer less."""
-    if quantized and type(act) is nn.GELU and not torch.is_grad_enabled() and F.inplace_ok(x):
+    if quantized and type(act) is nn.GELU and F.inplace_ok(x):
         return torch.ops.aten.gelu_(x, approximate=act.approximate)
     return act(x)
 
