@@ -1,0 +1,47 @@
+"""The speed benchmark: every kind timed side by side, the suffix path scoring a probe as the whole model does."""
+
+import json
+
+import pytest
+
+from benchmarks.speed import main, parse_args
+
+TINY = ["--device", "cpu", "--threads", "1", "--models", "deit_tiny", "--calib-sizes", "4", "--batch-size", "2",
+        "--blocks=-2,-1", "--repeats", "2"]
+
+
+@pytest.mark.slow
+def test_rows_time_every_kind_and_the_suffix_scores_the_probe_like_the_whole_model(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = main([*TINY, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the file holds every number
+    (run,) = result["runs"]
+    assert [r["block"] for r in run["blocks"]] == [10, 11]
+    for row in run["blocks"]:
+        fast = row["ops"]["fast"]
+        assert fast["check"]["same"], fast["check"]  # bitwise: cached-input suffix == whole quantized model
+        assert len(fast["samples"]["naive"]) == 2 and len(row["floor_samples"]) == 2
+        assert fast["candidate_s"] > 0 and fast["naive_over_candidate"] > 0
+    summary = run["summary"]["fast"]
+    assert summary["fitness_checks_equal"] is True
+    est = summary["estimated_all_blocks"]  # two positions of twelve: fitted over all twelve
+    assert est["candidate_over_floor"] > 0 and est["naive_over_candidate"] > 0
+    assert "candidate/floor mean" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_naive_repeats_zero_skips_the_whole_model_loop(capsys):
+    result = main([*TINY, "--blocks=-1", "--repeats", "1", "--naive-repeats", "0"])
+    (row,) = result["runs"][0]["blocks"]
+    fast = row["ops"]["fast"]
+    assert fast["naive_s"] is None and fast["check"] is None and fast["samples"]["naive"] == []
+    assert fast["candidate_s"] > 0 and row["floor_s"] > 0
+    summary = result["runs"][0]["summary"]["fast"]
+    assert summary["mean_naive_over_candidate"] is None and summary["fitness_checks_equal"] is None
+    assert "naive/candidate mean - (not timed" in capsys.readouterr().out
+
+
+def test_naive_repeats_beyond_repeats_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "2", "--naive-repeats", "3"])
+    assert "--naive-repeats must be between 0 and --repeats (2)" in capsys.readouterr().err
