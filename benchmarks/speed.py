@@ -10,7 +10,9 @@ For each model, calibration-set size, precision and visited block ``i`` it times
    forward (our weight cache off), scored against the same teacher. It costs a whole model per sample whatever the
    position, so ``--naive-repeats`` can time it less often than the rest, or (0) not at all.
 
-Timings are medians over ``--repeats``; peak memory is CUDA ``max_memory_allocated`` on a GPU and the process's
+Before timing, each position checks bits: a probe candidate must score the same through the cached-input suffix as
+through the whole model, and one shared probe the same under every ``--ops`` path (on a GPU this is where the
+compiled kernels are checked against eager ones). Timings are medians over ``--repeats``; peak memory is CUDA ``max_memory_allocated`` on a GPU and the process's
 peak RSS (VmHWM, reset before each call) on CPU. Random timm weights and random images are enough for timing.
 Example (CPU, a few positions)::
 
@@ -300,6 +302,10 @@ def bench_block(i: int, qmodel: nn.Module, fp: nn.Module, layers: tuple, batches
         else:
             checks[ops] = None
         scales.set(base)
+    shared = mutate(base, eps, np.random.default_rng(args.seed + 1000 * i + 999))  # one probe scored by every ops
+    scales.set(shared)
+    across = {ops: score(ops) for ops in args.ops}
+    scales.set(base)
     with autocast(precision, device):
         fp_suffix(fp, i, hidden[0])
 
@@ -339,7 +345,8 @@ def bench_block(i: int, qmodel: nn.Module, fp: nn.Module, layers: tuple, batches
     row: dict[str, Any] = {"block": i, "visit_s": timer.median("visit"), "floor_s": timer.median("floor"),
                            "floor_img_per_s": n_images / timer.median("floor"),
                            "peak_mib_floor": timer.peaks["floor"], "peak_mib_visit": timer.peaks["visit"],
-                           "memory": timer.memory.kind, "ops": {}}
+                           "memory": timer.memory.kind, "ops": {},
+                           "probe_by_ops": across, "ops_agree": len(set(across.values())) == 1}
     for ops in args.ops:
         cand = timer.median(f"candidate:{ops}")
         naive = timer.median(f"naive:{ops}") if naive_repeats else None
@@ -382,6 +389,7 @@ def summarize(rows: list[dict[str, Any]], depth: int, ops_list: list[str]) -> di
         if len(rows) < depth:
             s["estimated_all_blocks"] = estimate_all_blocks(rows, depth, ops)
         out[ops] = s
+    out["ops_agree"] = all(r["ops_agree"] for r in rows)  # every ops path scored the shared probe bitwise alike
     if "fast" in ops_list and "reference" in ops_list:
         out["reference_over_fast_candidate"] = statistics.mean(
             r["ops"]["reference"]["candidate_s"] / r["ops"]["fast"]["candidate_s"] for r in rows)
@@ -438,6 +446,8 @@ def print_summary(run: dict[str, Any], ops_list: list[str]) -> None:
         print(f"   reference ops / fast ops per candidate: {s['reference_over_fast_candidate']:.2f}x")
     if "fast_over_fused_candidate" in s:
         print(f"   fast ops / fused ops per candidate: {s['fast_over_fused_candidate']:.2f}x")
+    if len(ops_list) > 1:
+        print(f"   {', '.join(ops_list)} score a shared probe bitwise alike: {s['ops_agree']}")
 
 
 # -- command line -------------------------------------------------------------------------------------------------

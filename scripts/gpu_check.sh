@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# GPU speed check of the search loop: ViT-Base at 224, 1000 calibration images (10 batches of 100), one GPU,
-# 32-true and bf16-mixed. Prints per block position the seconds per candidate, per generation, of the FP floor
-# and of the original's naive loop, with the ratios candidate/floor (target <= 1.3) and naive/candidate
-# (target >= 3 averaged over the 12 positions); then the eager inference path next to the compiled one-pass
-# quantizer kernels (--ops fast fused, evolq_pl.quant.fused) on up to three positions. Each precision starts no new
-# block position after 130 s (the fast/fused comparison after 45 s, plus its compiles), so the script should end
-# within about 9 minutes on an H100.
+# GPU check of the search loop, bits first, then speed:
+#   1. the tests that compare the in-place path with the reference formulas, and the compiled (Triton) kernels with
+#      eager ones, on the GPU (pytest -k cuda; at most 120 s; the whole output in bit_tests.log);
+#   2. ViT-Base at 224, 1000 calibration images (10 batches of 100), one GPU, 32-true and bf16-mixed: per block
+#      position the seconds per candidate, per generation, of the FP floor and of the original's naive loop, with
+#      the ratios candidate/floor (target <= 1.3) and naive/candidate (target >= 3 averaged over the 12 positions);
+#      both for the eager inference path and for the compiled one-pass quantizer kernels (--ops fast fused,
+#      evolq_pl.quant.fused), side by side, each position also scoring one shared probe both ways (bitwise alike?).
+# Step 2 starts no new block position after 120 s per precision (plus the kernels' compiles), so the script should
+# end within about 8 minutes on an H100.
 #
 #   scripts/gpu_check.sh                          # run from anywhere; works from the repo root
 #   EVOLQ_GPU_CHECK_SMOKE=1 scripts/gpu_check.sh  # CPU smoke run of the same steps (DeiT-Tiny, 4 images, last block)
 #
-# Output: speed_*.json and gpu_check.log under $OUT when set, else under outputs/gpu_check/.
+# Output: bit_tests.log, speed_*.json and gpu_check.log under $OUT when set, else under outputs/gpu_check/.
 # Needs a python with torch (PYTHON, default python3). When timm, lightning or torchmetrics do not import, they
 # are installed into a venv (EVOLQ_GPU_VENV, default evolq-gpu-venv in $TMPDIR) that sees that python's torch: from the
 # wheels in .whl/ when that folder exists (pip install --no-index --find-links .whl), else from the index.
@@ -23,11 +26,11 @@ mkdir -p "$DEST"
 LOG="$DEST/gpu_check.log"
 : >"$LOG"
 
-imports_ok() { "$1" -c "import benchmarks.speed" >/dev/null 2>&1; }  # the project on this torch, timm, lightning
+imports_ok() { "$1" -c "import benchmarks.speed, pytest" >/dev/null 2>&1; }  # the project on this torch, timm, lightning
 
 if ! imports_ok "$PY"; then
     # only what the benchmark imports, with the ranges of requirements.txt (torch itself comes from the system)
-    mapfile -t REQS < <(grep -E '^(timm|lightning|torchmetrics|numpy)[<>=! ]' requirements.txt)
+    mapfile -t REQS < <(grep -E '^(timm|lightning|torchmetrics|numpy|pytest)[<>=! ]' requirements.txt)
     FROM=()
     [ -d .whl ] && FROM=(--no-index --find-links .whl)
     VENV=${EVOLQ_GPU_VENV:-${TMPDIR:-/tmp}/evolq-gpu-venv}
@@ -50,14 +53,16 @@ if ! imports_ok "$PY"; then
         fi
         export PYTHONPATH="$VENV/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    imports_ok "$PY" || { "$PY" -c "import benchmarks.speed" 2>&1 | tail -3 | tee -a "$LOG"; exit 1; }
+    imports_ok "$PY" || { "$PY" -c "import benchmarks.speed, pytest" 2>&1 | tail -3 | tee -a "$LOG"; exit 1; }
 fi
 
 if [ "${EVOLQ_GPU_CHECK_SMOKE:-0}" = "1" ]; then
-    DEVICE=cpu MODEL=deit_tiny N=4 BS=2 REPEATS=1 BLOCKS="-1" BUDGET=0 AB_BLOCKS="-1" AB_BUDGET=0
+    DEVICE=cpu MODEL=deit_tiny N=4 BS=2 REPEATS=1 BLOCKS="-1" BUDGET=0
+    BITS_TESTS=(-k "cpu and quantized_vit")
     EXTRA=(--threads 1)
 else
-    DEVICE=cuda MODEL=vit_base N=1000 BS=100 REPEATS=3 BLOCKS="" BUDGET=130 AB_BLOCKS="0,6,11" AB_BUDGET=45
+    DEVICE=cuda MODEL=vit_base N=1000 BS=100 REPEATS=3 BLOCKS="" BUDGET=120
+    BITS_TESTS=(-k cuda)
     EXTRA=()
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: set EVOLQ_GPU_CHECK_SMOKE=1 for a CPU smoke run')"
 fi
@@ -68,14 +73,15 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 EOF
 
 START=$(date +%s)
+# bits first: eager in-place path against the reference formulas, compiled kernels against eager, on this device
+timeout 120 "$PY" -m pytest tests/quant/test_fast_paths.py tests/quant/test_fused.py -p no:cacheprovider -rfE \
+    "${BITS_TESTS[@]}" >"$DEST/bit_tests.log" 2>&1; echo "bit tests: exit $? (124: cut at 120 s)" | tee -a "$LOG"
+grep -E "passed|failed|^FAILED|^ERROR" "$DEST/bit_tests.log" | tail -12 | tee -a "$LOG"
 BLOCK_ARGS=()
-[ -n "$BLOCKS" ] && BLOCK_ARGS=(--blocks "$BLOCKS")
-# both precisions in one process (one model, one calibration); --budget-s counts per precision
+[ -n "$BLOCKS" ] && BLOCK_ARGS=("--blocks=$BLOCKS")
+# both precisions and both inference paths in one process (one model, one calibration); --budget-s counts per
+# precision; positions are measured farthest-first (0, 11, 5, ...), so a cut-off run still spans the depth
 "$PY" -m benchmarks.speed --device "$DEVICE" --models "$MODEL" --calib-sizes "$N" --batch-size "$BS" \
-    --repeats "$REPEATS" --precision 32-true bf16-mixed --ops fast --budget-s "$BUDGET" "${BLOCK_ARGS[@]}" \
+    --repeats "$REPEATS" --precision 32-true bf16-mixed --ops fast fused --budget-s "$BUDGET" "${BLOCK_ARGS[@]}" \
     "${EXTRA[@]}" --out "$DEST/speed_${MODEL}_${N}.json" 2>&1 | tee -a "$LOG"
-# eager next to fused kernels, side by side in one run, three positions, fp32
-"$PY" -m benchmarks.speed --device "$DEVICE" --models "$MODEL" --calib-sizes "$N" --batch-size "$BS" \
-    --repeats 2 --precision 32-true --ops fast fused --blocks "$AB_BLOCKS" --budget-s "$AB_BUDGET" \
-    "${EXTRA[@]}" --out "$DEST/speed_${MODEL}_${N}_ops_ab.json" 2>&1 | tee -a "$LOG"
 echo "gpu_check done in $(( $(date +%s) - START )) s; results in $DEST" | tee -a "$LOG"

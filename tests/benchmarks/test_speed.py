@@ -41,6 +41,16 @@ def test_naive_repeats_zero_skips_the_whole_model_loop(capsys):
     assert "naive/candidate mean - (not timed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_every_ops_path_scores_the_shared_probe_alike(capsys):
+    result = main([*TINY, "--blocks=-1", "--repeats", "1", "--naive-repeats", "0", "--ops", "fast", "reference"])
+    run = result["runs"][0]
+    (row,) = run["blocks"]
+    assert set(row["probe_by_ops"]) == {"fast", "reference"} and row["ops_agree"] is True
+    assert run["summary"]["ops_agree"] is True
+    assert "fast, reference score a shared probe bitwise alike: True" in capsys.readouterr().out
+
+
 def test_naive_repeats_beyond_repeats_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "2", "--naive-repeats", "3"])

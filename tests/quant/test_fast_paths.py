@@ -1,5 +1,6 @@
 """The in-place inference path (no autograd) gives the same bits as the reference formulas, everywhere the search
-runs: fake quantization, integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast."""
+runs: fake quantization, integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast; on the CPU, and
+on a CUDA GPU where there is one (the ``device`` fixture)."""
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def _both(fn):
     return fast, ref
 
 
-def fq_inputs(bt: BitType, dim: int | None, shape: tuple, zero: bool, seed: int):
+def fq_inputs(bt: BitType, dim: int | None, shape: tuple, zero: bool, seed: int, device: torch.device | str = "cpu"):
     """Activations with signed zeros, tiny and huge values (and a NaN), per-channel scales and zero points, and
     exact ties of round(x/s + z) on per-tensor grids: the cases where two formulas could round apart."""
     g = torch.Generator().manual_seed(seed)
@@ -45,15 +46,15 @@ def fq_inputs(bt: BitType, dim: int | None, shape: tuple, zero: bool, seed: int)
     if dim is None:  # exact ties v = k + 1/2 of round(x/s + z)
         scale[0] = 0.5
         flat[8:12] = (torch.tensor([0.5, 1.5, 2.5, -0.5]) - zp[0]) * 0.5
-    return x, scale, zp
+    return x.to(device), scale.to(device), zp.to(device)
 
 
 @pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (3, True), (2, True)])
 @pytest.mark.parametrize("dim,shape", [(None, (4, 50, 24)), (-1, (4, 50, 24)), (0, (24, 40)), (1, (3, 5, 7, 7))])
 @pytest.mark.parametrize("zero", [False, True])
-def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, zero):
+def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, zero, device):
     bt = BitType(bits, signed)
-    x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits * 10 + len(shape))
+    x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits * 10 + len(shape), device=device)
     fast, ref = _both(lambda: F.fake_quantize(x, scale, zp, bt, dim))
     assert _same_bits(fast, ref)
 
@@ -76,7 +77,7 @@ def test_pow2_int_is_exact_on_every_exponent_and_passes_nan():
     assert torch.equal(out[:32], torch.pow(2.0, n[:32])) and out[32].isnan()
 
 
-def int_ln_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+def int_ln_inputs(seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
     """(x, in_scale, out_scale, gamma, beta) of an integer LayerNorm on a PTF grid, with a negative, an underflowing
     and a zero gain and a constant (zero-variance) row."""
     g = torch.Generator().manual_seed(seed)
@@ -88,31 +89,32 @@ def int_ln_inputs(seed: int) -> tuple[torch.Tensor, ...]:
     gamma[:3] = torch.tensor([-0.7, 1e-30, 0.0])
     beta = 0.2 * torch.randn(channels, generator=g)
     x[0, 0] = x[0, 0, :1]
-    return x, in_scale, torch.tensor([0.04]), gamma, beta
+    return tuple(t.to(device) for t in (x, in_scale, torch.tensor([0.04]), gamma, beta))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_inplace_int_layer_norm_has_the_reference_bits(seed):
-    args = int_ln_inputs(seed)
+def test_inplace_int_layer_norm_has_the_reference_bits(seed, device):
+    args = int_ln_inputs(seed, device)
     fast, ref = _both(lambda: int_layer_norm(*args))
     assert _same_bits(fast, ref)
 
 
 @torch.no_grad()
-def _tiny_deit(seed: int = 0) -> QuantViT:
+def _tiny_deit(seed: int = 0, device: torch.device | str = "cpu") -> QuantViT:
     model = unit_gain_vit("deit_tiny_patch16_224", seed, depth=2)
-    qmodel = QuantViT(model, QuantConfig(w_bits=4), "deit_tiny_patch16_224").eval()
-    calibrate(qmodel, [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10))])
+    qmodel = QuantViT(model, QuantConfig(w_bits=4), "deit_tiny_patch16_224").eval().to(device)
+    calibrate(qmodel, [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10)).to(device)])
     return qmodel
 
 
-def tiny_deit_run(autocast: bool):
+def tiny_deit_run(autocast: bool, device: torch.device | str = "cpu"):
     """A forward of a calibrated 2-block DeiT both ways the search runs it: (suffix from block 1, whole model)."""
-    qmodel = _tiny_deit()
-    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    device = torch.device(device)
+    qmodel = _tiny_deit(device=device)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(device)
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return qmodel.forward_from(1, qmodel.forward_to(1, x)), qmodel(x)
 
     return run
@@ -120,8 +122,9 @@ def tiny_deit_run(autocast: bool):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast, chunked, monkeypatch):
-    run = tiny_deit_run(autocast)
+def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(autocast, chunked, monkeypatch,
+                                                                                 device):
+    run = tiny_deit_run(autocast, device)
     calls = []
     if chunked:  # 2 images of scores per chunk: the batch of 5 runs its attention in chunks of 2, 2 and 1
         monkeypatch.setattr(QAttention, "chunk_bytes", 2 * 3 * 17 * 17 * 4)
@@ -130,8 +133,10 @@ def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(
     (suffix, full), (suffix_ref, full_ref) = _both(run)
     assert _same_bits(full, full_ref) and _same_bits(suffix, suffix_ref)
     assert _same_bits(suffix, full)
-    if chunked:  # 4 block forwards (prefix, suffix, whole model) in 3 chunks each; the reference path unchunked
-        assert calls == [2, 2, 1] * 4 + [5] * 4
+    if chunked and device.type == "cpu":  # 4 block forwards (prefix, suffix, whole model) in 3 chunks each
+        assert calls == [2, 2, 1] * 4 + [5] * 4  # the reference path unchunked
+    elif chunked:  # chunking is for CPU caches: a GPU runs every attention whole
+        assert calls == [5] * 8
 
 
 def test_bf16_weight_cast_is_cached_and_follows_scale_writes():

@@ -1,5 +1,6 @@
 """The compiled one-pass kernels give the bits of the eager inference path: fake quantization (fresh buffer and in
-place), integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast, and a whole search."""
+place), integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast, and a whole search; inductor's
+C++ kernels on the CPU, its Triton kernels on a CUDA GPU where there is one (the ``device`` fixture)."""
 
 import pytest
 import torch
@@ -24,9 +25,9 @@ def _eager_and_fused(fn):
 @pytest.mark.parametrize("bits,signed", [(8, False), (3, True)])
 @pytest.mark.parametrize("dim,shape", [(None, (4, 50, 24)), (-1, (4, 50, 24)), (0, (24, 40))])
 @pytest.mark.parametrize("zero", [False, True])
-def test_fused_fake_quantize_has_the_eager_bits(bits, signed, dim, shape, zero):
+def test_fused_fake_quantize_has_the_eager_bits(bits, signed, dim, shape, zero, device):
     bt = BitType(bits, signed)
-    x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits + len(shape))
+    x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits + len(shape), device=device)
     fused, eager = _eager_and_fused(lambda: F.fake_quantize(x, scale, zp, bt, dim))
     assert _same_bits(fused, eager)
     fused, eager = _eager_and_fused(lambda: F.fake_quantize_(x.clone(), scale, zp, bt, dim))  # into its input
@@ -34,15 +35,15 @@ def test_fused_fake_quantize_has_the_eager_bits(bits, signed, dim, shape, zero):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_int_layer_norm_has_the_eager_bits(seed):
-    args = int_ln_inputs(seed)
+def test_fused_int_layer_norm_has_the_eager_bits(seed, device):
+    args = int_ln_inputs(seed, device)
     fused, eager = _eager_and_fused(lambda: int_layer_norm(*args))
     assert _same_bits(fused, eager)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_quantized_vit_has_the_eager_bits(autocast):
-    (suffix, full), (suffix_eager, full_eager) = _eager_and_fused(tiny_deit_run(autocast))
+def test_fused_quantized_vit_has_the_eager_bits(autocast, device):
+    (suffix, full), (suffix_eager, full_eager) = _eager_and_fused(tiny_deit_run(autocast, device))
     assert _same_bits(suffix, suffix_eager) and _same_bits(full, full_eager)
 
 
