@@ -104,7 +104,8 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
             "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
             "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
             "calib_s": calib_s, "search_s": search_s,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **extra}
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **extra}
 
 
 def parse_value(text: str) -> Any:

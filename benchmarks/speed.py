@@ -125,7 +125,9 @@ class PeakMemory:
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "device": str(device)}
+                            "torch_threads": torch.get_num_threads(), "device": str(device),
+                            # the vector ISA the CPU kernels dispatch to: float sums, and so a search, differ across it
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -269,7 +269,13 @@ class EvolQModule(LightningModule):
             return  # resumed inside this visit: population, rng and counters came from the checkpoint
         vector = self._scales.get()
         if self.current_fitness is None:  # the only full evaluation of an unchanged model
-            self.current_fitness = self.baseline_fitness = self._fitness(block)
+            fitness = self._fitness(block)
+            if not math.isfinite(fitness):  # every candidate would tie with it, and the scales drift unselected
+                raise RuntimeError(
+                    f"the calibrated model's fitness on the calibration set is {fitness}, so no candidate can be "
+                    "compared with it: look for NaN/inf in the calibration images or weights so large that the "
+                    "logits overflow, and with fused: true try fused: false")
+            self.current_fitness = self.baseline_fitness = fitness
             self.baseline_snapshot = self._snapshot()
         self.visit, self.generation_in_visit = visit, 0
         self.visit_start_fitness, self.visit_start_scales = self.current_fitness, vector.clone()

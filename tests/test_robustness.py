@@ -200,6 +200,18 @@ def test_nonfinite_candidates_are_rejected_and_the_search_goes_on(tmp_path, tiny
     assert all(torch.isfinite(v).all() for k, v in saved["state_dict"].items() if v.is_floating_point())
 
 
+def test_a_nonfinite_baseline_fitness_stops_the_search_before_it_drifts(tmp_path, tiny_vit_checkpoint):
+    # finite head weights so large that the logits overflow: with no finite fitness to beat, every candidate would
+    # be rejected while tournaments still replace members, and the scales would drift with no selection at all
+    saved = torch.load(tiny_vit_checkpoint, map_location="cpu", weights_only=True)
+    saved["state_dict"]["head.weight"] *= 1e38
+    broken = tmp_path / "huge_head.pth"
+    torch.save(saved, broken)
+    with pytest.raises(RuntimeError, match=r"fitness on the calibration set is nan.*fused: false"):
+        cli_main(run_args(tmp_path, str(broken), "--trainer.logger.init_args.version", "nan_head"))
+    assert not list((tmp_path / "evolq" / "nan_head").rglob("*.ckpt"))  # no checkpoint of a search that never ran
+
+
 # -- bad input: a clear message, and the run already on disk keeps every byte --------------------------------------
 
 

@@ -5,8 +5,11 @@ of them, an integer LayerNorm about twenty. ``torch.compile`` (inductor) fuses e
 operations that IEEE 754 rounds exactly are fused (add, mul, true division, round, floor, clamp, sign, log2 and
 exp2 on the values they see here), with inductor told to keep divisions as divisions and to round as eager does;
 the two LayerNorm reductions stay eager, since a reordered sum changes the last bit. The fused results are bitwise
-equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search. That is
-checked on CPU; on a GPU (Triton kernels, whose log2/exp2 may differ) it has not been run yet.
+equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search. The
+promise is also kept at run time: the first call of each kernel variant (rank, dtype, device, broadcast pattern)
+runs the same formula eagerly beside it and stops with an error where a bit differs. A compiler bug, Triton's
+log2/exp2 on a GPU, or a cache directory shared by machines of another vector ISA (which was seen to hand an AVX-512
+process AVX2 kernels that left half their output unwritten) then fails loudly instead of steering a search.
 
 Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
 a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
@@ -26,7 +29,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
 _RECOMPILE_LIMIT = 64  # one graph per rank, dtype and per-channel layout; a model has a few dozen
 
-_state: dict[str, Any] = {"enabled": False, "kernels": {}}
+_state: dict[str, Any] = {"enabled": False, "kernels": {}, "checked": set()}
 
 
 def use_fused(enabled: bool) -> None:
@@ -77,6 +80,44 @@ def _kernel(name: str, fn: Callable) -> Callable:
     return kernels[name]
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so also the sign of zeros), NaNs at the same places (their payloads may differ)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a[~nan].view(as_int), b[~nan].view(as_int))
+
+
+def _variant(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What makes the compiler emit another kernel for shape-generic inputs: rank, dtype, device, size-1 dims
+    (broadcasting) and layout."""
+    return (name, *((a.dim(), a.dtype, a.device.type, tuple(n == 1 for n in a.shape), a.is_contiguous())
+                    for a in args if isinstance(a, torch.Tensor)))
+
+
+def _run(name: str, fn: Callable, *args: Any) -> Any:
+    """The compiled ``fn`` on ``args``. A variant's first call also runs ``fn`` eagerly on copies (in-place kernels
+    write into their inputs) and raises unless every output has the same bits."""
+    kernel = _kernel(name, fn)
+    key = _variant(name, args)
+    if key in _state["checked"]:
+        return kernel(*args)
+    expected = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    got = kernel(*args)
+    pairs = zip(got, expected, strict=True) if isinstance(got, tuple) else [(got, expected)]
+    if not all(same_bits(g, e) for g, e in pairs):
+        device = args[0].device.type
+        raise RuntimeError(
+            f"fused=true: the compiled {name} kernel ({device}) gives other bits than the same formula run eagerly, "
+            "so it would change the search; set fused: false (or clear the inductor cache, TORCHINDUCTOR_CACHE_DIR, "
+            "if it is shared with machines of another CPU type)")
+    _state["checked"].add(key)
+    return got
+
+
 # -- fake quantization ----------------------------------------------------------------------------------------------
 
 def _fq_unsigned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
@@ -110,10 +151,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     arithmetic."""
     signed = qmin < 0
     if inplace:
-        fn = _kernel("fq_signed_", _fq_signed_) if signed else _kernel("fq_unsigned_", _fq_unsigned_)
+        name, fn = ("fq_signed_", _fq_signed_) if signed else ("fq_unsigned_", _fq_unsigned_)
     else:
-        fn = _kernel("fq_signed", _fq_signed) if signed else _kernel("fq_unsigned", _fq_unsigned)
-    return fn(x, scale, zero_point, float(qmin), float(qmax))
+        name, fn = ("fq_signed", _fq_signed) if signed else ("fq_unsigned", _fq_unsigned)
+    return _run(name, fn, x, scale, zero_point, float(qmin), float(qmax))
 
 
 # -- integer LayerNorm ----------------------------------------------------------------------------------------------
@@ -137,10 +178,10 @@ def _ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, m
 
 def ln_align(x: torch.Tensor, in_scale: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer LayerNorm's first pass: the channel-aligned integers x_q and their squares."""
-    return _kernel("ln_align", _ln_align)(x, in_scale, ratio)
+    return _run("ln_align", _ln_align, x, in_scale, ratio)
 
 
 def ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, mean_over_std: torch.Tensor,
               gamma: torch.Tensor, beta: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
     """Integer LayerNorm's last pass, written into ``out``: dyadic gain and bias, rounding, output scale."""
-    return _kernel("ln_affine", _ln_affine)(x_q, out, s_over_std, mean_over_std, gamma, beta, out_scale)
+    return _run("ln_affine", _ln_affine, x_q, out, s_over_std, mean_over_std, gamma, beta, out_scale)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks.accuracy import main, module_overrides, selection
 
@@ -31,6 +32,8 @@ def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, tmp
     row = rows[0]
     assert row["fitness_after"] <= row["fitness_before"]  # the search never accepts a worse scale vector
     assert row["fp"]["agree_fp"] == 100.0 and row["fp"]["kl_fp"] == pytest.approx(0.0, abs=1e-6)
+    # float sums differ across vector ISAs (AVX2 vs AVX-512), and with them a search: each row names its own
+    assert row["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     main(common + ["--set", "relative_mutation=true"])  # same settings: nothing is measured again
     assert json.loads(out.read_text()) == rows

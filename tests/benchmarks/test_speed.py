@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks.speed import main, parse_args
 
@@ -15,6 +16,7 @@ def test_rows_time_every_kind_and_the_suffix_scores_the_probe_like_the_whole_mod
     out = tmp_path / "speed.json"
     result = main([*TINY, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the file holds every number
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     (run,) = result["runs"]
     assert [r["block"] for r in run["blocks"]] == [10, 11]
     for row in run["blocks"]:

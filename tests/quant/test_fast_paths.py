@@ -10,19 +10,12 @@ from evolq_pl.models.vit import QAttention, QuantViT
 from evolq_pl.quant import functional as F
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.fused import same_bits
 from evolq_pl.quant.layers import QLinear, int_layer_norm, weight_cache_disabled
 from evolq_pl.quant.modes import calibrate
 from evolq_pl.testing import unit_gain_vit
 
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit patterns (so also the sign of zeros), NaNs at the same places."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    nan = a.isnan()
-    if not torch.equal(nan, b.isnan()):
-        return False
-    return torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+_same_bits = same_bits  # equal bit patterns, so also the sign of zeros; NaNs at the same places
 
 
 def _both(fn):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from evolq_pl.quant import functional as F
+from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
-from evolq_pl.quant.fused import fused_enabled, fused_kernels
+from evolq_pl.quant.fused import fused_enabled, fused_kernels, same_bits
 from evolq_pl.quant.layers import int_layer_norm
 from tests.quant.test_fast_paths import _same_bits, fq_inputs, int_ln_inputs, tiny_deit_run
 
@@ -62,3 +63,32 @@ def test_fused_raises_dynamos_recompile_limit_only_while_on():
     with fused_kernels():
         assert fused_enabled() and config.recompile_limit >= 64
     assert not fused_enabled() and config.recompile_limit == before
+
+
+def test_same_bits_tells_signed_zeros_apart_and_matches_nans_by_place():
+    a = torch.tensor([0.0, float("nan"), 1.5])
+    assert same_bits(a, a.clone()) and same_bits(a.bfloat16(), a.clone().bfloat16())
+    assert not same_bits(a, torch.tensor([-0.0, float("nan"), 1.5]))
+    assert not same_bits(a, torch.tensor([0.0, 1.0, 1.5])) and not same_bits(a, a.double())
+
+
+def test_a_kernel_that_disagrees_with_eager_stops_the_run(monkeypatch):
+    # stands in for a miscompiled or stale cached kernel: one ulp off on its first call of a new variant
+    monkeypatch.setitem(fused._state, "checked", set())
+    monkeypatch.setitem(fused._state, "kernels", {"fq_unsigned": lambda *args: torch.nextafter(
+        fused._fq_unsigned(*args), torch.tensor(float("inf")))})
+    bt = BitType(8, False)
+    x, scale, zp = fq_inputs(bt, None, (4, 50, 24), zero=True, seed=0)
+    with torch.no_grad(), fused_kernels(), pytest.raises(RuntimeError, match="compiled fq_unsigned kernel.*fused: false"):
+        F.fake_quantize(x, scale, zp, bt)
+    assert not fused._state["checked"]  # a variant that failed its check is never trusted
+
+
+def test_each_kernel_variant_is_checked_once(monkeypatch):
+    monkeypatch.setitem(fused._state, "checked", set())
+    bt = BitType(8, False)
+    with torch.no_grad(), fused_kernels():
+        for shape in [(4, 50, 24), (2, 7, 3), (4800,)]:  # the second is the first's variant, the third a new rank
+            x, scale, zp = fq_inputs(bt, None, shape, zero=True, seed=0)
+            F.fake_quantize(x, scale, zp, bt)
+    assert len(fused._state["checked"]) == 2
