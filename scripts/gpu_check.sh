@@ -6,7 +6,8 @@
 #      position the seconds per candidate, per generation, of the FP floor and of the original's naive loop, with
 #      the ratios candidate/floor (target <= 1.3) and naive/candidate (target >= 3 averaged over the 12 positions);
 #      both for the eager inference path and for the compiled one-pass quantizer kernels (--ops fast fused,
-#      evolq_pl.quant.fused), side by side, each position also scoring one shared probe both ways (bitwise alike?).
+#      evolq_pl.quant.fused), side by side, each position also scoring one shared probe both ways (bitwise alike?);
+#      only the eager path where step 1 found the compiled kernels giving other bits (fused=true refuses to run then).
 # Step 2 starts no new block position after 120 s per precision (plus the kernels' compiles), so the script should
 # end within about 8 minutes on an H100.
 #
@@ -77,11 +78,17 @@ START=$(date +%s)
 timeout 120 "$PY" -m pytest tests/quant/test_fast_paths.py tests/quant/test_fused.py -p no:cacheprovider -rfE \
     "${BITS_TESTS[@]}" >"$DEST/bit_tests.log" 2>&1; echo "bit tests: exit $? (124: cut at 120 s)" | tee -a "$LOG"
 grep -E "passed|failed|^FAILED|^ERROR" "$DEST/bit_tests.log" | tail -12 | tee -a "$LOG"
+OPS=(fast fused)
+if grep -q "^FAILED tests/quant/test_fused.py" "$DEST/bit_tests.log"; then
+    # fused=true checks its kernels at run time and would stop the benchmark: time the eager path alone
+    OPS=(fast)
+    echo "the compiled kernels differ from eager on this device: timing --ops fast only" | tee -a "$LOG"
+fi
 BLOCK_ARGS=()
 [ -n "$BLOCKS" ] && BLOCK_ARGS=("--blocks=$BLOCKS")
 # both precisions and both inference paths in one process (one model, one calibration); --budget-s counts per
 # precision; positions are measured farthest-first (0, 11, 5, ...), so a cut-off run still spans the depth
 "$PY" -m benchmarks.speed --device "$DEVICE" --models "$MODEL" --calib-sizes "$N" --batch-size "$BS" \
-    --repeats "$REPEATS" --precision 32-true bf16-mixed --ops fast fused --budget-s "$BUDGET" "${BLOCK_ARGS[@]}" \
+    --repeats "$REPEATS" --precision 32-true bf16-mixed --ops "${OPS[@]}" --budget-s "$BUDGET" "${BLOCK_ARGS[@]}" \
     "${EXTRA[@]}" --out "$DEST/speed_${MODEL}_${N}.json" 2>&1 | tee -a "$LOG"
 echo "gpu_check done in $(( $(date +%s) - START )) s; results in $DEST" | tee -a "$LOG"
