@@ -15,8 +15,6 @@ from evolq_pl.quant.layers import QLinear, int_layer_norm, weight_cache_disabled
 from evolq_pl.quant.modes import calibrate
 from evolq_pl.testing import unit_gain_vit
 
-_same_bits = same_bits  # equal bit patterns, so also the sign of zeros; NaNs at the same places
-
 
 def _both(fn):
     with torch.no_grad():
@@ -49,7 +47,7 @@ def test_inplace_fake_quantize_has_the_reference_bits(bits, signed, dim, shape, 
     bt = BitType(bits, signed)
     x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits * 10 + len(shape), device=device)
     fast, ref = _both(lambda: F.fake_quantize(x, scale, zp, bt, dim))
-    assert _same_bits(fast, ref)
+    assert same_bits(fast, ref)
 
 
 def test_inplace_path_is_only_taken_without_autograd():
@@ -89,7 +87,7 @@ def int_ln_inputs(seed: int, device: torch.device | str = "cpu") -> tuple[torch.
 def test_inplace_int_layer_norm_has_the_reference_bits(seed, device):
     args = int_ln_inputs(seed, device)
     fast, ref = _both(lambda: int_layer_norm(*args))
-    assert _same_bits(fast, ref)
+    assert same_bits(fast, ref)
 
 
 @torch.no_grad()
@@ -124,8 +122,8 @@ def test_quantized_vit_gives_the_reference_bits_in_fp32_and_under_bf16_autocast(
         attend = QAttention._attend
         monkeypatch.setattr(QAttention, "_attend", lambda self, qkv: calls.append(len(qkv)) or attend(self, qkv))
     (suffix, full), (suffix_ref, full_ref) = _both(run)
-    assert _same_bits(full, full_ref) and _same_bits(suffix, suffix_ref)
-    assert _same_bits(suffix, full)
+    assert same_bits(full, full_ref) and same_bits(suffix, suffix_ref)
+    assert same_bits(suffix, full)
     if chunked and device.type == "cpu":  # 4 block forwards (prefix, suffix, whole model) in 3 chunks each
         assert calls == [2, 2, 1] * 4 + [5] * 4  # the reference path unchunked
     elif chunked:  # chunking is for CPU caches: a GPU runs every attention whole
@@ -173,11 +171,11 @@ def test_fake_quantize_into_the_input_has_the_same_bits_and_falls_back_where_it_
     with torch.no_grad():
         expected = F.fake_quantize(x, scale, zp, bt, dim)
         buffer = x.clone()
-        assert F.fake_quantize_(buffer, scale, zp, bt, dim) is buffer and _same_bits(buffer, expected)
+        assert F.fake_quantize_(buffer, scale, zp, bt, dim) is buffer and same_bits(buffer, expected)
         strided = x.clone().transpose(0, 1)  # not contiguous: a fresh result, the input untouched
         before = strided.clone()
-        assert _same_bits(F.fake_quantize_(strided, scale, zp, bt, dim), expected.transpose(0, 1))
-        assert _same_bits(strided, before)
+        assert same_bits(F.fake_quantize_(strided, scale, zp, bt, dim), expected.transpose(0, 1))
+        assert same_bits(strided, before)
     leaf = x.clone().requires_grad_(True)  # autograd: the formula, the input untouched
     assert torch.equal(F.fake_quantize_(leaf, scale, zp, bt, dim).detach(), expected)
     assert torch.equal(leaf.detach(), x)

@@ -10,7 +10,7 @@ from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.fused import fused_enabled, fused_kernels, same_bits
 from evolq_pl.quant.layers import int_layer_norm
-from tests.quant.test_fast_paths import _same_bits, fq_inputs, int_ln_inputs, tiny_deit_run
+from tests.quant.test_fast_paths import fq_inputs, int_ln_inputs, tiny_deit_run
 
 
 def _eager_and_fused(fn):
@@ -30,22 +30,22 @@ def test_fused_fake_quantize_has_the_eager_bits(bits, signed, dim, shape, zero, 
     bt = BitType(bits, signed)
     x, scale, zp = fq_inputs(bt, dim, shape, zero, seed=bits + len(shape), device=device)
     fused, eager = _eager_and_fused(lambda: F.fake_quantize(x, scale, zp, bt, dim))
-    assert _same_bits(fused, eager)
+    assert same_bits(fused, eager)
     fused, eager = _eager_and_fused(lambda: F.fake_quantize_(x.clone(), scale, zp, bt, dim))  # into its input
-    assert _same_bits(fused, eager)
+    assert same_bits(fused, eager)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fused_int_layer_norm_has_the_eager_bits(seed, device):
     args = int_ln_inputs(seed, device)
     fused, eager = _eager_and_fused(lambda: int_layer_norm(*args))
-    assert _same_bits(fused, eager)
+    assert same_bits(fused, eager)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_quantized_vit_has_the_eager_bits(autocast, device):
     (suffix, full), (suffix_eager, full_eager) = _eager_and_fused(tiny_deit_run(autocast, device))
-    assert _same_bits(suffix, suffix_eager) and _same_bits(full, full_eager)
+    assert same_bits(suffix, suffix_eager) and same_bits(full, full_eager)
 
 
 def test_fused_without_a_compiler_fails_with_a_hint(monkeypatch, tmp_path):
