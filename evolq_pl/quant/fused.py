@@ -6,10 +6,11 @@ operations that IEEE 754 rounds exactly are fused (add, mul, true division, roun
 exp2 on the values they see here), with inductor told to keep divisions as divisions and to round as eager does;
 the two LayerNorm reductions stay eager, since a reordered sum changes the last bit. The fused results are bitwise
 equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search. The
-promise is also kept at run time: the first call of each kernel variant (rank, dtype, device, broadcast pattern)
-runs the same formula eagerly beside it and stops with an error where a bit differs. A compiler bug, Triton's
-log2/exp2 on a GPU, or a cache directory shared by machines of another vector ISA (which was seen to hand an AVX-512
-process AVX2 kernels that left half their output unwritten) then fails loudly instead of steering a search.
+promise is also kept at run time: the first call of each kernel variant (rank, dtype, device, broadcast pattern,
+layout) runs the same formula eagerly beside it and stops with an error where a bit differs. A compiler bug,
+Triton's log2/exp2 on a GPU, or a cache directory shared with processes of another vector ISA (an AVX2 process was
+seen to get kernels an AVX-512 one had cached, which left half their output unwritten) then fails loudly instead of
+steering a search.
 
 Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
 a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
