@@ -21,6 +21,30 @@ def test_every_shipped_config_parses(config, capsys):
     assert "model_name" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["w4_vit_base.yaml", "w4_vit_base"])
+def test_bare_config_name_resolves_to_the_shipped_configs(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root: the name alone must find configs/
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", name, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "vit_base_patch16_224.augreg_in21k_ft_in1k" in capsys.readouterr().out
+
+
+def test_a_path_wins_over_a_shipped_config_name(tmp_path, monkeypatch, capsys):
+    (tmp_path / "w4_vit_base.yaml").write_text("model:\n  model_name: deit_small_patch16_224.fb_in1k\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config=w4_vit_base.yaml", "--print_config"])
+    assert "deit_small_patch16_224.fb_in1k" in capsys.readouterr().out
+
+
+def test_unknown_config_name_lists_the_shipped_configs():
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["test", "--config", "w5_vit_base.yaml"])
+    message = str(exit_info.value.code)
+    assert "w5_vit_base.yaml" in message and "w4_vit_base.yaml" in message and "demo.yaml" in message
+
+
 def test_unknown_config_key_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(CONFIGS[0]), "--model.population_sise", "3", "--print_config"])
