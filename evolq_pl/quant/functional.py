@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -15,30 +16,31 @@ from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 
 EPS = torch.finfo(torch.float32).eps
-_fast_paths = {"enabled": True}
+_FAST_PATHS: ContextVar[bool] = ContextVar("evolq_fast_paths", default=True)
 
 
 @contextmanager
 def reference_ops() -> Iterator[None]:
     """Compute with the plain out-of-place formulas even without autograd (tests and the speed benchmark compare
-    them with the in-place inference path)."""
-    saved = _fast_paths["enabled"]
-    _fast_paths["enabled"] = False
+    them with the in-place inference path). The previous choice is restored on exit, also when the block raises;
+    the choice is the calling thread's (a ContextVar, as torch's grad mode)."""
+    previous = _FAST_PATHS.get()
+    _FAST_PATHS.set(False)
     try:
         yield
     finally:
-        _fast_paths["enabled"] = saved
+        _FAST_PATHS.set(previous)
 
 
 def fast_paths_enabled() -> bool:
     """False inside ``reference_ops``: layers then also skip their inference-only caches."""
-    return _fast_paths["enabled"]
+    return _FAST_PATHS.get()
 
 
 def inplace_ok(*tensors: torch.Tensor) -> bool:
     """Whether a result may be built in place in one buffer: the search scores candidates without autograd, and
     each avoided temporary is a full pass over an activation (the elementwise passes dominate a candidate)."""
-    if not _fast_paths["enabled"]:
+    if not _FAST_PATHS.get():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

@@ -13,14 +13,15 @@ seen to get kernels an AVX-512 one had cached, which left half their output unwr
 steering a search.
 
 Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
-a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
-does so for its fit and test).
+a C++ compiler on CPU or Triton on GPU. ``with fused_kernels():`` turns it on for a block of code and restores what
+was there before on exit (``EvolQModule(fused=True)`` holds it open from setup to teardown).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -30,37 +31,50 @@ _TINY = torch.finfo(torch.float32).tiny
 _EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
 _RECOMPILE_LIMIT = 64  # one graph per rank, dtype and per-channel layout; a model has a few dozen
 
-_state: dict[str, Any] = {"enabled": False, "kernels": {}, "checked": set()}
-
-
-def use_fused(enabled: bool) -> None:
-    """Route fake-quantization and integer LayerNorm through the compiled kernels (process-wide)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    if enabled:
-        _check_compile_available()
-        if "saved_limit" not in _state:  # raised while on, given back when turned off
-            _state["saved_limit"] = config.recompile_limit
-            config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
-    elif "saved_limit" in _state:
-        config.recompile_limit = _state.pop("saved_limit")
-    _state["enabled"] = bool(enabled)
-
-
-def fused_enabled() -> bool:
-    return _state["enabled"]
+_ENABLED: ContextVar[bool] = ContextVar("evolq_fused_kernels", default=False)
+_state: dict[str, Any] = {"kernels": {}, "checked": set()}  # compiled kernels by name; variants checked so far
 
 
 @contextmanager
 def fused_kernels(enabled: bool = True) -> Iterator[None]:
-    """``use_fused`` for a block of code (tests, benchmarks)."""
-    saved = _state["enabled"]
-    use_fused(enabled)
+    """Route fake quantization and integer LayerNorm through the compiled kernels (``enabled``) or not, inside the
+    block. On exit, also when the block raises, the previous choice comes back, and so does dynamo's recompile
+    limit, which is raised while the kernels are on (each kernel compiles one graph per variant). The choice is
+    the calling thread's (a ContextVar, as torch's grad mode)."""
+    if enabled:
+        _check_compile_available()
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    previous, limit = _ENABLED.get(), config.recompile_limit
+    _ENABLED.set(bool(enabled))
+    if enabled:
+        config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
     try:
         yield
     finally:
-        use_fused(saved)
+        if enabled:
+            config.recompile_limit = limit
+        _ENABLED.set(previous)
+
+
+def fused_enabled() -> bool:
+    return _ENABLED.get()
+
+
+_legacy_scopes: list[AbstractContextManager] = []
+
+
+def use_fused(enabled: bool) -> None:
+    """Deprecated: only for today's ``EvolQModule`` (``use_fused(fused)`` in setup, ``use_fused(False)`` in
+    teardown) until it enters ``fused_kernels`` itself; then delete. True opens a ``fused_kernels`` scope that the
+    next call closes, which restores what was there before."""
+    while _legacy_scopes:
+        _legacy_scopes.pop().__exit__(None, None, None)
+    if enabled:
+        scope = fused_kernels(True)
+        scope.__enter__()
+        _legacy_scopes.append(scope)
 
 
 def _check_compile_available() -> None:

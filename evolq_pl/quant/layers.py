@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as TF
@@ -14,18 +15,19 @@ from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.quantizer import FakeQuantizer, Log2Quantizer
 
-_weight_cache = {"enabled": True}
+_WEIGHT_CACHE: ContextVar[bool] = ContextVar("evolq_weight_cache", default=True)
 
 
 @contextmanager
 def weight_cache_disabled() -> Iterator[None]:
-    """Re-quantize every weight on every forward, as the original code does (the benchmark's naive baseline)."""
-    saved = _weight_cache["enabled"]
-    _weight_cache["enabled"] = False
+    """Re-quantize every weight on every forward, as the original code does (the benchmark's naive baseline). The
+    previous choice is restored on exit, also when the block raises; the choice is the calling thread's."""
+    previous = _WEIGHT_CACHE.get()
+    _WEIGHT_CACHE.set(False)
     try:
         yield
     finally:
-        _weight_cache["enabled"] = saved
+        _WEIGHT_CACHE.set(previous)
 
 
 class _QWeight:
@@ -58,7 +60,7 @@ class _QWeight:
         q = self.weight_quantizer
         if not q.enabled:
             return self.weight
-        cached = _weight_cache["enabled"]
+        cached = _WEIGHT_CACHE.get()
         key = self._cache_key() if cached else None
         if cached and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -84,7 +86,7 @@ class _QWeight:
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if w.dtype == dtype:
             return w, bias
-        if not (_weight_cache["enabled"] and F.fast_paths_enabled()):
+        if not (_WEIGHT_CACHE.get() and F.fast_paths_enabled()):
             return (w, bias) if autocast else (w.to(dtype), bias)
         key = (dtype, autocast, w._version, None if bias is None else (bias._version, bias.data_ptr()))
         if self._cast is None or self._cast[0] is not w or self._cast[1] != key:

@@ -1,5 +1,8 @@
 """Quantization math of evolq_pl.quant.functional against hand-computed cases and torch's own fake quantizers."""
 
+import threading
+
+import pytest
 import torch
 
 from evolq_pl.quant import functional as F
@@ -171,3 +174,23 @@ def test_bias_correct_matches_row_mean_and_unbiased_std_of_the_float_weight():
     assert torch.allclose(rows_out.mean(1), rows.mean(1), atol=1e-6)
     assert torch.allclose(rows_out.std(1), rows.std(1), rtol=1e-5)
     assert not torch.allclose(w_hat.reshape(5, -1).std(1), rows.std(1), rtol=1e-3)  # there was something to fix
+
+
+def test_reference_ops_restores_the_previous_choice_also_when_the_body_raises():
+    assert F.fast_paths_enabled()
+    with pytest.raises(KeyError), F.reference_ops():
+        assert not F.fast_paths_enabled()
+        with F.reference_ops():
+            assert not F.fast_paths_enabled()
+        assert not F.fast_paths_enabled()
+        raise KeyError("the body fails")
+    assert F.fast_paths_enabled()
+
+
+def test_reference_ops_in_one_thread_leaves_other_threads_on_the_fast_path():
+    seen = []
+    with F.reference_ops():
+        worker = threading.Thread(target=lambda: seen.append(F.fast_paths_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [True]

@@ -2,8 +2,11 @@
 place), integer LayerNorm, a whole quantized ViT in fp32 and under bf16 autocast, and a whole search; inductor's
 C++ kernels on the CPU, its Triton kernels on a CUDA GPU where there is one (the ``device`` fixture)."""
 
+import threading
+
 import pytest
 import torch
+import torch._dynamo
 
 from evolq_pl.quant import functional as F
 from evolq_pl.quant import fused
@@ -56,8 +59,6 @@ def test_fused_without_a_compiler_fails_with_a_hint(monkeypatch, tmp_path):
 
 
 def test_fused_raises_dynamos_recompile_limit_only_while_on():
-    import torch._dynamo
-
     config = torch._dynamo.config
     before = config.recompile_limit
     with fused_kernels():
@@ -92,3 +93,27 @@ def test_each_kernel_variant_is_checked_once(monkeypatch):
             x, scale, zp = fq_inputs(bt, None, shape, zero=True, seed=0)
             F.fake_quantize(x, scale, zp, bt)
     assert len(fused._state["checked"]) == 2
+
+
+@torch._dynamo.config.patch(recompile_limit=5)
+def test_fused_kernels_restore_the_previous_choice_and_recompile_limit_also_when_the_body_raises():
+    config = torch._dynamo.config
+    with pytest.raises(KeyError), fused_kernels():
+        assert fused_enabled() and config.recompile_limit == 64
+        with fused_kernels(False):
+            assert not fused_enabled() and config.recompile_limit == 64
+        assert fused_enabled()
+        with pytest.raises(ValueError), fused_kernels():
+            raise ValueError("an inner body fails")
+        assert fused_enabled() and config.recompile_limit == 64
+        raise KeyError("the body fails")
+    assert not fused_enabled() and config.recompile_limit == 5
+
+
+def test_fused_kernels_in_one_thread_leave_other_threads_eager():
+    seen = []
+    with fused_kernels():
+        worker = threading.Thread(target=lambda: seen.append(fused_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [False]
