@@ -176,6 +176,23 @@ def test_bias_correct_matches_row_mean_and_unbiased_std_of_the_float_weight():
     assert not torch.allclose(w_hat.reshape(5, -1).std(1), rows.std(1), rtol=1e-3)  # there was something to fix
 
 
+@pytest.mark.parametrize("dim", [None, -1])
+def test_omse_and_ptf_score_the_bits_the_quantizer_gives(dim):
+    bt = UINT4
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 20, 8, generator=g) * 2
+    scale = torch.rand(1 if dim is None else 8, generator=g) * 0.2 + 0.05
+    zp = torch.randint(0, 16, scale.shape, generator=g).float()
+    with torch.no_grad():
+        expected = (F.fake_quantize(x, scale, zp, bt, dim) - x).square().mean()
+        assert torch.equal(F.quant_mse(x, scale, zp, bt, dim), expected)
+    base, z = F.ptf_candidates(x.min(), x.max(), bt)
+    errors = F.ptf_channel_errors(x, base, z, bt, dim=-1)
+    for alpha in range(4):
+        x_hat = F.fake_quantize(x, base * 2**alpha, z, bt)
+        assert torch.equal(errors[alpha], (x_hat - x).square().reshape(-1, 8).sum(dim=0))
+
+
 def test_reference_ops_restores_the_previous_choice_also_when_the_body_raises():
     assert F.fast_paths_enabled()
     with pytest.raises(KeyError), F.reference_ops():

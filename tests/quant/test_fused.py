@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch._dynamo
 
+from evolq_pl.quant import formulas, fused
 from evolq_pl.quant import functional as F
-from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.fused import fused_enabled, fused_kernels, same_bits
 from evolq_pl.quant.layers import int_layer_norm
@@ -76,8 +76,9 @@ def test_same_bits_tells_signed_zeros_apart_and_matches_nans_by_place():
 def test_a_kernel_that_disagrees_with_eager_stops_the_run(monkeypatch):
     # stands in for a miscompiled or stale cached kernel: one ulp off on its first call of a new variant
     monkeypatch.setitem(fused._state, "checked", set())
+    unsigned = fused.traced(formulas.fake_quantize, signed=False)
     monkeypatch.setitem(fused._state, "kernels", {"fq_unsigned": lambda *args: torch.nextafter(
-        fused._fq_unsigned(*args), torch.tensor(float("inf")))})
+        unsigned(*args), torch.tensor(float("inf")))})
     bt = BitType(8, False)
     x, scale, zp = fq_inputs(bt, None, (4, 50, 24), zero=True, seed=0)
     with torch.no_grad(), fused_kernels(), pytest.raises(RuntimeError, match="compiled fq_unsigned kernel.*fused: false"):
@@ -117,3 +118,20 @@ def test_fused_kernels_in_one_thread_leave_other_threads_eager():
         worker.start()
         worker.join()
     assert seen == [False]
+
+
+@pytest.mark.parametrize("fn,static", [
+    (formulas.fake_quantize, {"signed": False}), (formulas.fake_quantize, {"signed": True}),
+    (formulas.fake_quantize, {"signed": False, "inplace": True}),
+    (formulas.fake_quantize, {"signed": True, "inplace": True}),
+    (formulas.ln_align, {}), (formulas.ln_affine, {})])
+def test_each_kernel_traces_to_one_graph(fn, static):
+    """A graph break would split a kernel into several passes: slower, though still bit-checked."""
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 5, 8, generator=g), torch.rand(8, generator=g) + 0.1
+    rows = torch.rand(2, 5, 1, generator=g) + 0.1
+    args = {"fake_quantize": (x, c, torch.zeros(8), -4.0 if static.get("signed") else 0.0, 3.0),
+            "ln_align": (x, c, torch.ones(8)),
+            "ln_affine": (x.round(), torch.empty(2, 5, 8), rows, rows, c, c, torch.tensor([0.04]))}[fn.__name__]
+    explained = torch._dynamo.explain(fused.traced(fn, **static))(*args)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
