@@ -1,6 +1,8 @@
 """Pure quantization math: tensors in, tensors out, no state.
 
-Formulas follow evolq-reference §1.4-1.6; modules in this package call these and never redo the math.
+Formulas follow evolq-reference §1.4-1.6; modules in this package call these and never redo the math. Fake
+quantization, PTF's scales and integer LayerNorm are written once in ``formulas.py``; this module picks the backend
+that runs them (out of place with autograd, in place for inference, compiled with fused kernels on).
 """
 
 from __future__ import annotations
@@ -8,44 +10,48 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
-from evolq_pl.quant import fused
+from evolq_pl.quant import formulas, fused
 from evolq_pl.quant.bit_types import BitType
+from evolq_pl.quant.formulas import pow2_int as pow2_int
+from evolq_pl.quant.formulas import round_ste as round_ste
 
 EPS = torch.finfo(torch.float32).eps
-_fast_paths = {"enabled": True}
+_FAST_PATHS: ContextVar[bool] = ContextVar("evolq_fast_paths", default=True)
 
 
 @contextmanager
 def reference_ops() -> Iterator[None]:
     """Compute with the plain out-of-place formulas even without autograd (tests and the speed benchmark compare
-    them with the in-place inference path)."""
-    saved = _fast_paths["enabled"]
-    _fast_paths["enabled"] = False
+    them with the in-place inference path). The previous choice is restored on exit, also when the block raises;
+    the choice is the calling thread's (a ContextVar, as torch's grad mode)."""
+    previous = _FAST_PATHS.get()
+    _FAST_PATHS.set(False)
     try:
         yield
     finally:
-        _fast_paths["enabled"] = saved
+        _FAST_PATHS.set(previous)
 
 
 def fast_paths_enabled() -> bool:
     """False inside ``reference_ops``: layers then also skip their inference-only caches."""
-    return _fast_paths["enabled"]
+    return _FAST_PATHS.get()
 
 
 def inplace_ok(*tensors: torch.Tensor) -> bool:
     """Whether a result may be built in place in one buffer: the search scores candidates without autograd, and
     each avoided temporary is a full pass over an activation (the elementwise passes dominate a candidate)."""
-    if not _fast_paths["enabled"]:
+    if not _FAST_PATHS.get():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity in the backward pass (straight-through)."""
-    return x + (torch.round(x) - x).detach()
+def fast_ops() -> type[formulas.Eager]:
+    """The backend of the inference path: in place, or compiled kernels inside ``fused.fused_kernels``."""
+    return fused.Fused if fused.fused_enabled() else formulas.InPlace
 
 
 def broadcast_shape(x: torch.Tensor, dim: int | None) -> list[int]:
@@ -59,14 +65,14 @@ def broadcast_shape(x: torch.Tensor, dim: int | None) -> list[int]:
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bt: BitType, dim: int | None = None
 ) -> torch.Tensor:
-    """x̂ = (clamp(round(x/s + z), qmin, qmax) - z)·s, with ``scale``/``zero_point`` per channel along ``dim``."""
+    """x̂ = (clamp(round(x/s + z), qmin, qmax) - z)·s (``formulas.fake_quantize``), with ``scale``/``zero_point``
+    per channel along ``dim``: in place in one buffer without autograd, else out of place with a straight-through
+    round."""
     if dim is not None:
         shape = broadcast_shape(x, dim)
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    if inplace_ok(x, scale, zero_point):
-        return _fake_quantize_inplace(x, scale, zero_point, bt)
-    q = torch.clamp(round_ste(x / scale + zero_point), bt.qmin, bt.qmax)
-    return (q - zero_point) * scale
+    ops = fast_ops() if inplace_ok(x, scale, zero_point) else formulas.Eager
+    return ops.step(formulas.fake_quantize, x, scale, zero_point, bt.qmin, bt.qmax, signed=bt.signed)
 
 
 def fake_quantize_(
@@ -81,41 +87,15 @@ def fake_quantize_(
     if dim is not None:
         shape = broadcast_shape(x, dim)
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return _fake_quantize_inplace(x, scale, zero_point, bt, out=x)
+    return fast_ops().step(formulas.fake_quantize, x, scale, zero_point, bt.qmin, bt.qmax, signed=bt.signed,
+                           inplace=True)
 
 
-def _fake_quantize_inplace(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bt: BitType,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """fake_quantize in one buffer, 5 passes instead of 8 with a fresh tensor each; bitwise equal for finite x.
-
-    addcdiv is z + x/s with the division rounded first. Without autograd round_ste(v) = v + (round(v) - v) is
-    round(v) exactly, except that it turns round's -0 (v in [-0.5, 0)) into +0: on an unsigned grid clamping
-    first gives that +0, on a signed one adding +0.0 does. An infinite x gives the grid's end where round_ste
-    gives NaN; activations and weights never overflow (scales are >= float32 eps). With fused kernels on, the
-    same formula runs as one compiled pass.
-    """
-    if fused.fused_enabled():
-        return fused.fake_quantize(x, scale, zero_point, bt.qmin, bt.qmax, inplace=out is x)
-    out = torch.addcdiv(zero_point, x, scale, out=out)
-    if bt.qmin >= 0:
-        out.clamp_(bt.qmin, bt.qmax).round_()
-    else:
-        out.round_().add_(0.0).clamp_(bt.qmin, bt.qmax)
-    return out.sub_(zero_point).mul_(scale)
-
-
-_exp2_exact: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def pow2_int(n: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """2**n for integer-valued n in [0, 31]: exp2, ten times cheaper than pow(2.0, n) on CPU, wherever it gives
-    the same bits on all 32 exponents (checked once per device type and dtype), else pow itself."""
-    key = (n.device.type, n.dtype)
-    exact = _exp2_exact.get(key)
-    if exact is None:
-        k = torch.arange(32, dtype=n.dtype, device=n.device).repeat(5)[:157]  # vector body and scalar tail
-        exact = _exp2_exact[key] = bool(torch.equal(torch.exp2(k), torch.pow(2.0, k)))
-    return torch.exp2(n, out=out) if exact else torch.pow(2.0, n, out=out)
+def squared_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bt: BitType) -> torch.Tensor:
+    """(x̂ - x)² per element, x̂ by the quantizer's own formula, in one new buffer (``x`` float32, no autograd):
+    what OMSE and PTF score their candidate grids with."""
+    x_hat = formulas.fake_quantize(formulas.InPlace, x, scale, zero_point, bt.qmin, bt.qmax, signed=bt.signed)
+    return x_hat.sub_(x).square_()
 
 
 def channel_minmax(x: torch.Tensor, dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,40 +126,33 @@ def omse_candidates(num: int = 90, step: float = 0.01) -> list[float]:
 
 
 def quant_mse(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bt: BitType, dim: int | None) -> torch.Tensor:
-    """Mean squared error of fake-quantizing ``x`` (over every element); in place on one buffer, since OMSE
-    calls it 90 times per tensor."""
-    if dim is None:
-        s, z = float(scale), float(zero_point)
-        t = x / s
-        t.add_(z).round_().clamp_(bt.qmin, bt.qmax).sub_(z).mul_(s)
-    else:
+    """Mean squared error of fake-quantizing ``x`` (over every element); one buffer, since OMSE calls it 90 times
+    per tensor."""
+    if dim is not None:
         shape = broadcast_shape(x, dim)
-        s, z = scale.reshape(shape), zero_point.reshape(shape)
-        t = x / s
-        t.add_(z).round_().clamp_(bt.qmin, bt.qmax).sub_(z).mul_(s)
-    return t.sub_(x).square_().mean()
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return squared_error(x, scale, zero_point, bt).mean()
 
 
 def ptf_candidates(
     min_all: torch.Tensor, max_all: torch.Tensor, bt: BitType
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PTF base scale s8/8 and the zero point shared by every channel (§1.4 PTF)."""
-    scale8 = ((max_all - min_all) / bt.levels).clamp(min=EPS)
-    zero_point = torch.clamp(bt.qmin - torch.round(min_all / scale8), bt.qmin, bt.qmax)
+    """PTF base scale s8/8 and the zero point shared by every channel: the asymmetric min-max grid of the whole
+    range, s8, refined eightfold (§1.4 PTF)."""
+    scale8, zero_point = qparams_from_minmax(min_all, max_all, bt, symmetric=False)
     return scale8 / 8, zero_point
+
+
+PTF_ALPHAS = 4  # α = 0..3
 
 
 def ptf_channel_errors(
     x: torch.Tensor, base_scale: torch.Tensor, zero_point: torch.Tensor, bt: BitType, dim: int
 ) -> torch.Tensor:
-    """Squared-error sums [4, C] of each channel of ``x`` at scales base·2^α, α = 0..3."""
+    """Squared-error sums [4, C] of each channel of ``x`` fake-quantized at scale base·2^α, α = 0..3."""
     xc = x.detach().movedim(dim, -1).reshape(-1, x.shape[dim])
-    errs = []
-    for alpha in range(4):
-        s = base_scale * 2**alpha
-        q = torch.clamp(torch.round(xc / s + zero_point), bt.qmin, bt.qmax)
-        errs.append(((q - zero_point) * s - xc).pow(2).sum(dim=0))
-    return torch.stack(errs)
+    return torch.stack([squared_error(xc, formulas.ptf_scale(base_scale, alpha), zero_point, bt).sum(dim=0)
+                        for alpha in range(PTF_ALPHAS)])
 
 
 def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -7,60 +7,78 @@ exp2 on the values they see here), with inductor told to keep divisions as divis
 the two LayerNorm reductions stay eager, since a reordered sum changes the last bit. The fused results are bitwise
 equal to the eager path (``tests/quant/test_fused.py``), so turning this on changes speed, never a search. The
 promise is also kept at run time: the first call of each kernel variant (rank, dtype, device, broadcast pattern,
-layout) runs the same formula eagerly beside it and stops with an error where a bit differs. A compiler bug,
-Triton's log2/exp2 on a GPU, or a cache directory shared with processes of another vector ISA (an AVX2 process was
-seen to get kernels an AVX-512 one had cached, which left half their output unwritten) then fails loudly instead of
-steering a search.
+layout) runs the same formula on the default in-place path beside it and stops with an error where a bit differs.
+A compiler bug, Triton's log2/exp2 on a GPU, or a cache directory shared with processes of another vector ISA (an
+AVX2 process was seen to get kernels an AVX-512 one had cached, which left half their output unwritten) then fails
+loudly instead of steering a search.
+
+The kernels are not written here: each is a formula of ``formulas.py`` run on its ``Traced`` backend, the one
+definition that the eager and in-place paths run too.
 
 Off by default: the first call of each kernel compiles it (seconds to a minute, cached on disk afterwards) and needs
-a C++ compiler on CPU or Triton on GPU. ``use_fused(True)`` turns it on process-wide (``EvolQModule(fused=True)``
-does so for its fit and test).
+a C++ compiler on CPU or Triton on GPU. ``with fused_kernels():`` turns it on for a block of code and restores what
+was there before on exit (``EvolQModule(fused=True)`` holds it open from setup to teardown).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-_TINY = torch.finfo(torch.float32).tiny
+from evolq_pl.quant import formulas
+
 # inductor options that keep eager's bits: x / s stays a division (not x * (1/s)), casts round as eager does
 _EXACT = {"eager_numerics.division_rounding": True, "emulate_precision_casts": True}
 _RECOMPILE_LIMIT = 64  # one graph per rank, dtype and per-channel layout; a model has a few dozen
 
-_state: dict[str, Any] = {"enabled": False, "kernels": {}, "checked": set()}
-
-
-def use_fused(enabled: bool) -> None:
-    """Route fake-quantization and integer LayerNorm through the compiled kernels (process-wide)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    if enabled:
-        _check_compile_available()
-        if "saved_limit" not in _state:  # raised while on, given back when turned off
-            _state["saved_limit"] = config.recompile_limit
-            config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
-    elif "saved_limit" in _state:
-        config.recompile_limit = _state.pop("saved_limit")
-    _state["enabled"] = bool(enabled)
-
-
-def fused_enabled() -> bool:
-    return _state["enabled"]
+_ENABLED: ContextVar[bool] = ContextVar("evolq_fused_kernels", default=False)
+_state: dict[str, Any] = {"kernels": {}, "checked": set()}  # compiled kernels by name; variants checked so far
 
 
 @contextmanager
 def fused_kernels(enabled: bool = True) -> Iterator[None]:
-    """``use_fused`` for a block of code (tests, benchmarks)."""
-    saved = _state["enabled"]
-    use_fused(enabled)
+    """Route fake quantization and integer LayerNorm through the compiled kernels (``enabled``) or not, inside the
+    block. On exit, also when the block raises, the previous choice comes back, and so does dynamo's recompile
+    limit, which is raised while the kernels are on (each kernel compiles one graph per variant). The choice is
+    the calling thread's (a ContextVar, as torch's grad mode)."""
+    if enabled:
+        _check_compile_available()
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    previous, limit = _ENABLED.get(), config.recompile_limit
+    _ENABLED.set(bool(enabled))
+    if enabled:
+        config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
     try:
         yield
     finally:
-        use_fused(saved)
+        if enabled:
+            config.recompile_limit = limit
+        _ENABLED.set(previous)
+
+
+def fused_enabled() -> bool:
+    return _ENABLED.get()
+
+
+_legacy_scopes: list[AbstractContextManager] = []
+
+
+def use_fused(enabled: bool) -> None:
+    """Deprecated: only for today's ``EvolQModule`` (``use_fused(fused)`` in setup, ``use_fused(False)`` in
+    teardown) until it enters ``fused_kernels`` itself; then delete. True opens a ``fused_kernels`` scope that the
+    next call closes, which restores what was there before."""
+    while _legacy_scopes:
+        _legacy_scopes.pop().__exit__(None, None, None)
+    if enabled:
+        scope = fused_kernels(True)
+        scope.__enter__()
+        _legacy_scopes.append(scope)
 
 
 def _check_compile_available() -> None:
@@ -71,14 +89,6 @@ def _check_compile_available() -> None:
     if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         raise RuntimeError("fused=true compiles C++ kernels on CPU but no C++ compiler (g++/clang++) was found; "
                            "install one or set fused: false")
-
-
-def _kernel(name: str, fn: Callable) -> Callable:
-    """``fn`` compiled once per process with shape-generic kernels."""
-    kernels = _state["kernels"]
-    if name not in kernels:
-        kernels[name] = torch.compile(fn, dynamic=True, options=dict(_EXACT))
-    return kernels[name]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -92,6 +102,30 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a[~nan].view(as_int), b[~nan].view(as_int))
 
 
+# -- the kernels ----------------------------------------------------------------------------------------------------
+
+def traced(fn: Callable[..., Any], **static: Any) -> Callable[..., Any]:
+    """The formula ``fn`` on the ``Traced`` backend with its static arguments bound: what ``torch.compile`` sees."""
+    def kernel(*args: Any) -> Any:
+        return fn(formulas.Traced, *args, **static)
+
+    return kernel
+
+
+def _kernel_name(fn: Callable[..., Any], static: dict[str, Any]) -> str:
+    if fn is formulas.fake_quantize:  # fq_unsigned, fq_signed_ (the trailing _: written over its input), ...
+        return f"fq_{'signed' if static['signed'] else 'unsigned'}{'_' if static.get('inplace') else ''}"
+    return fn.__name__
+
+
+def _kernel(name: str, fn: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+    """``fn`` compiled once per process with shape-generic kernels."""
+    kernels = _state["kernels"]
+    if name not in kernels:
+        kernels[name] = torch.compile(traced(fn, **static), dynamic=True, options=dict(_EXACT))
+    return kernels[name]
+
+
 def _variant(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """What makes the compiler emit another kernel for shape-generic inputs: rank, dtype, device, size-1 dims
     (broadcasting) and layout."""
@@ -99,90 +133,26 @@ def _variant(name: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
                     for a in args if isinstance(a, torch.Tensor)))
 
 
-def _run(name: str, fn: Callable, *args: Any) -> Any:
-    """The compiled ``fn`` on ``args``. A variant's first call also runs ``fn`` eagerly on copies (in-place kernels
-    write into their inputs) and raises unless every output has the same bits."""
-    kernel = _kernel(name, fn)
-    key = _variant(name, args)
-    if key in _state["checked"]:
-        return kernel(*args)
-    expected = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-    got = kernel(*args)
-    pairs = zip(got, expected, strict=True) if isinstance(got, tuple) else [(got, expected)]
-    if not all(same_bits(g, e) for g, e in pairs):
-        device = args[0].device.type
-        raise RuntimeError(
-            f"fused=true: the compiled {name} kernel ({device}) gives other bits than the same formula run eagerly, "
-            "so it would change the search; set fused: false (or clear the inductor cache, TORCHINDUCTOR_CACHE_DIR, "
-            "if it is shared with machines of another CPU type)")
-    _state["checked"].add(key)
-    return got
+class Fused(formulas.InPlace):
+    """The in-place backend whose elementwise formulas (``step``) each run as one compiled kernel."""
 
-
-# -- fake quantization ----------------------------------------------------------------------------------------------
-
-def _fq_unsigned(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
-                 qmax: float) -> torch.Tensor:
-    # clamp before round: eager's round_ste gives +0 where round gives -0 (see functional._fake_quantize_inplace)
-    q = torch.clamp(x / scale + zero_point, qmin, qmax).round()
-    return (q - zero_point) * scale
-
-
-def _fq_signed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
-               qmax: float) -> torch.Tensor:
-    q = torch.round(x / scale + zero_point)
-    q = torch.clamp(torch.where(q == 0, 0.0, q), qmin, qmax)  # eager's +0.0 turns round's -0 into +0;
-    return (q - zero_point) * scale  # inductor would fold an added 0.0 away
-
-
-def _fq_unsigned_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
-                  qmax: float) -> torch.Tensor:
-    return x.copy_(_fq_unsigned(x, scale, zero_point, qmin, qmax))
-
-
-def _fq_signed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: float,
-                qmax: float) -> torch.Tensor:
-    return x.copy_(_fq_signed(x, scale, zero_point, qmin, qmax))
-
-
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                  inplace: bool = False) -> torch.Tensor:
-    """(clamp(round(x/s + z), qmin, qmax) - z)·s in one pass; ``scale``/``zero_point`` already broadcastable.
-    ``inplace`` writes over ``x`` (a float32 temporary): on CPU a fresh buffer's first touch costs more than the
-    arithmetic."""
-    signed = qmin < 0
-    if inplace:
-        name, fn = ("fq_signed_", _fq_signed_) if signed else ("fq_unsigned_", _fq_unsigned_)
-    else:
-        name, fn = ("fq_signed", _fq_signed) if signed else ("fq_unsigned", _fq_unsigned)
-    return _run(name, fn, x, scale, zero_point, float(qmin), float(qmax))
-
-
-# -- integer LayerNorm ----------------------------------------------------------------------------------------------
-
-def _ln_align(x: torch.Tensor, in_scale: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x_q = torch.round(x / in_scale) * ratio
-    return x_q, x_q * x_q
-
-
-def _ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, mean_over_std: torch.Tensor,
-               gamma: torch.Tensor, beta: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-    a = s_over_std * gamma / out_scale
-    sign = torch.sign(a)
-    a_abs = a.abs().clamp(min=_TINY)
-    n = torch.clamp(-torch.floor(torch.log2(a_abs)) + 7, 0, 31)
-    pow_n = torch.exp2(n)
-    m = torch.clamp(torch.floor(a_abs * pow_n), 0, 255)
-    b = torch.round((-(mean_over_std * gamma) + beta) / out_scale * pow_n)
-    return out.copy_(torch.round((sign * m * x_q + b) / pow_n) * out_scale)
-
-
-def ln_align(x: torch.Tensor, in_scale: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer LayerNorm's first pass: the channel-aligned integers x_q and their squares."""
-    return _run("ln_align", _ln_align, x, in_scale, ratio)
-
-
-def ln_affine(x_q: torch.Tensor, out: torch.Tensor, s_over_std: torch.Tensor, mean_over_std: torch.Tensor,
-              gamma: torch.Tensor, beta: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-    """Integer LayerNorm's last pass, written into ``out``: dyadic gain and bias, rounding, output scale."""
-    return _run("ln_affine", _ln_affine, x_q, out, s_over_std, mean_over_std, gamma, beta, out_scale)
+    @classmethod
+    def step(cls, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
+        """The compiled ``fn`` on ``args``. A variant's first call also runs ``fn`` on the in-place backend, on
+        copies (kernels may write into their inputs), and raises unless every output has the same bits."""
+        name = _kernel_name(fn, static)
+        kernel = _kernel(name, fn, static)
+        key = _variant(name, args)
+        if key in _state["checked"]:
+            return kernel(*args)
+        expected = fn(formulas.InPlace, *(a.clone() if isinstance(a, torch.Tensor) else a for a in args), **static)
+        got = kernel(*args)
+        pairs = zip(got, expected, strict=True) if isinstance(got, tuple) else [(got, expected)]
+        if not all(same_bits(g, e) for g, e in pairs):
+            device = args[0].device.type
+            raise RuntimeError(
+                f"fused=true: the compiled {name} kernel ({device}) gives other bits than the same formula run "
+                "eagerly, so it would change the search; set fused: false (or clear the inductor cache, "
+                "TORCHINDUCTOR_CACHE_DIR, if it is shared with machines of another CPU type)")
+        _state["checked"].add(key)
+        return got

@@ -4,28 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from evolq_pl.quant import formulas
 from evolq_pl.quant import functional as F
-from evolq_pl.quant import fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.quantizer import FakeQuantizer, Log2Quantizer
 
-_weight_cache = {"enabled": True}
+_WEIGHT_CACHE: ContextVar[bool] = ContextVar("evolq_weight_cache", default=True)
 
 
 @contextmanager
 def weight_cache_disabled() -> Iterator[None]:
-    """Re-quantize every weight on every forward, as the original code does (the benchmark's naive baseline)."""
-    saved = _weight_cache["enabled"]
-    _weight_cache["enabled"] = False
+    """Re-quantize every weight on every forward, as the original code does (the benchmark's naive baseline). The
+    previous choice is restored on exit, also when the block raises; the choice is the calling thread's."""
+    previous = _WEIGHT_CACHE.get()
+    _WEIGHT_CACHE.set(False)
     try:
         yield
     finally:
-        _weight_cache["enabled"] = saved
+        _WEIGHT_CACHE.set(previous)
 
 
 class _QWeight:
@@ -58,7 +60,7 @@ class _QWeight:
         q = self.weight_quantizer
         if not q.enabled:
             return self.weight
-        cached = _weight_cache["enabled"]
+        cached = _WEIGHT_CACHE.get()
         key = self._cache_key() if cached else None
         if cached and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -84,7 +86,7 @@ class _QWeight:
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         if w.dtype == dtype:
             return w, bias
-        if not (_weight_cache["enabled"] and F.fast_paths_enabled()):
+        if not (_WEIGHT_CACHE.get() and F.fast_paths_enabled()):
             return (w, bias) if autocast else (w.to(dtype), bias)
         key = (dtype, autocast, w._version, None if bias is None else (bias._version, bias.data_ptr()))
         if self._cast is None or self._cast[0] is not w or self._cast[1] != key:
@@ -160,55 +162,10 @@ class QIntLayerNorm(nn.LayerNorm):
 
 def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
                    gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Integer LayerNorm: power-of-two channel alignment, integer statistics, dyadic affine (eps dropped)."""
-    if F.inplace_ok(x, in_scale, out_scale, gamma, beta):
-        return _int_layer_norm_inplace(x, in_scale, out_scale, gamma, beta)
-    s_min = in_scale.min()
-    x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
-    mean, std = _int_norm_stats(x_q, x_q.pow(2), s_min)
-    a = (s_min / std) * gamma / out_scale
-    a_abs = a.abs().clamp(min=torch.finfo(torch.float32).tiny)
-    n = torch.clamp(7 - torch.floor(torch.log2(a_abs)), 0, 31)
-    m = torch.clamp(torch.floor(a_abs * torch.pow(2.0, n)), 0, 255)
-    b = torch.round((beta - mean / std * gamma) / out_scale * torch.pow(2.0, n))
-    return torch.round((torch.sign(a) * m * x_q + b) / torch.pow(2.0, n)) * out_scale
-
-
-def _int_norm_stats(x_q: torch.Tensor, squares: torch.Tensor,
-                    s_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std per row from the sums of the channel-aligned integers and of their squares (float32 sums,
-    left eager on every path: a reordered sum changes the last bit)."""
-    channels = x_q.shape[-1]
-    total = x_q.sum(dim=-1, keepdim=True)
-    mean = total / channels * s_min
-    var_int = (channels * squares.sum(dim=-1, keepdim=True) - total.pow(2)).clamp(min=0)
-    std = (s_min / channels) * torch.sqrt(var_int)
-    return mean, std.clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def _int_layer_norm_inplace(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
-                            gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """int_layer_norm's operations in the same order in five buffers (the formula makes ~30 fresh tensors);
-    bitwise equal, for inference. 7 - t is computed as -t + 7, which IEEE defines alike; 2^n is computed once
-    (the formula has it thrice) and by exp2 where that is exact. With fused kernels on, the elementwise parts
-    before and after the two sums run as one compiled pass each."""
-    s_min = in_scale.min()
-    ratio = torch.round(in_scale / s_min)
-    if fused.fused_enabled():
-        x_q, work = fused.ln_align(x, in_scale, ratio)
-        mean, std = _int_norm_stats(x_q, work, s_min)
-        return fused.ln_affine(x_q, work, s_min / std, mean / std, gamma, beta, out_scale)
-    x_q = torch.div(x, in_scale).round_().mul_(ratio)
-    work = x_q.pow(2)  # the squares, then a, |a| and m
-    mean, std = _int_norm_stats(x_q, work, s_min)
-    a = torch.mul(s_min / std, gamma, out=work).div_(out_scale)
-    sign = torch.sign(a)
-    a_abs = a.abs_().clamp_(min=torch.finfo(torch.float32).tiny)
-    n = torch.log2(a_abs).floor_().neg_().add_(7).clamp_(0, 31)
-    pow_n = F.pow2_int(n, out=n)
-    m = a_abs.mul_(pow_n).floor_().clamp_(0, 255)
-    b = ((mean / std) * gamma).neg_().add_(beta).div_(out_scale).mul_(pow_n).round_()
-    return sign.mul_(m).mul_(x_q).add_(b).div_(pow_n).round_().mul_(out_scale)
+    """Integer LayerNorm (``formulas.int_layer_norm``): power-of-two channel alignment, integer statistics, dyadic
+    affine (eps dropped); in five buffers without autograd (the formula out of place makes ~30 tensors)."""
+    ops = F.fast_ops() if F.inplace_ok(x, in_scale, out_scale, gamma, beta) else formulas.Eager
+    return formulas.int_layer_norm(ops, x, in_scale, out_scale, gamma, beta)
 
 
 class QSoftmax(nn.Module):

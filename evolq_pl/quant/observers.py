@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from evolq_pl.quant import formulas
 from evolq_pl.quant import functional as F
 from evolq_pl.quant.bit_types import BitType
 
@@ -149,7 +150,7 @@ class PTFObserver(Observer):
             raise RuntimeError("PTF observer was never scored: calibration must mark its last batch")
         base, zp = self._shared()
         alpha = torch.argmin(self.errors, dim=0)  # first minimum: the smallest α wins ties, as the reference
-        scale = base * torch.pow(2.0, alpha.float())
+        scale = formulas.ptf_scale(base, alpha.float())
         return scale, zp.expand_as(scale).clone()
 
     def reset(self) -> None:

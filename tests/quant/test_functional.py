@@ -1,5 +1,8 @@
 """Quantization math of evolq_pl.quant.functional against hand-computed cases and torch's own fake quantizers."""
 
+import threading
+
+import pytest
 import torch
 
 from evolq_pl.quant import functional as F
@@ -171,3 +174,40 @@ def test_bias_correct_matches_row_mean_and_unbiased_std_of_the_float_weight():
     assert torch.allclose(rows_out.mean(1), rows.mean(1), atol=1e-6)
     assert torch.allclose(rows_out.std(1), rows.std(1), rtol=1e-5)
     assert not torch.allclose(w_hat.reshape(5, -1).std(1), rows.std(1), rtol=1e-3)  # there was something to fix
+
+
+@pytest.mark.parametrize("dim", [None, -1])
+def test_omse_and_ptf_score_the_bits_the_quantizer_gives(dim):
+    bt = UINT4
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 20, 8, generator=g) * 2
+    scale = torch.rand(1 if dim is None else 8, generator=g) * 0.2 + 0.05
+    zp = torch.randint(0, 16, scale.shape, generator=g).float()
+    with torch.no_grad():
+        expected = (F.fake_quantize(x, scale, zp, bt, dim) - x).square().mean()
+        assert torch.equal(F.quant_mse(x, scale, zp, bt, dim), expected)
+    base, z = F.ptf_candidates(x.min(), x.max(), bt)
+    errors = F.ptf_channel_errors(x, base, z, bt, dim=-1)
+    for alpha in range(4):
+        x_hat = F.fake_quantize(x, base * 2**alpha, z, bt)
+        assert torch.equal(errors[alpha], (x_hat - x).square().reshape(-1, 8).sum(dim=0))
+
+
+def test_reference_ops_restores_the_previous_choice_also_when_the_body_raises():
+    assert F.fast_paths_enabled()
+    with pytest.raises(KeyError), F.reference_ops():
+        assert not F.fast_paths_enabled()
+        with F.reference_ops():
+            assert not F.fast_paths_enabled()
+        assert not F.fast_paths_enabled()
+        raise KeyError("the body fails")
+    assert F.fast_paths_enabled()
+
+
+def test_reference_ops_in_one_thread_leaves_other_threads_on_the_fast_path():
+    seen = []
+    with F.reference_ops():
+        worker = threading.Thread(target=lambda: seen.append(F.fast_paths_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [True]

@@ -7,7 +7,7 @@ from torch import nn
 
 from evolq_pl.quant import functional as F
 from evolq_pl.quant.bit_types import BitType
-from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
+from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax, weight_cache_disabled
 from evolq_pl.quant.quantizer import FakeQuantizer
 
 UINT3, UINT4, UINT8 = BitType(3, False), BitType(4, False), BitType(8, False)
@@ -93,6 +93,18 @@ def test_weight_cache_is_reused_until_a_scale_is_written_in_place(linear):
     assert second is not first
     assert not torch.equal(second[2], first[2]) and torch.equal(second[0], first[0])
     assert not torch.equal(q(x), before)
+
+
+def test_weight_cache_disabled_restores_the_cache_also_when_the_body_raises(linear):
+    q = _calibrated(QLinear.from_float(linear, UINT4))
+    cached = q.quantized_weight()
+    with pytest.raises(KeyError), weight_cache_disabled():
+        assert q.quantized_weight() is not cached
+        with weight_cache_disabled():
+            assert q.quantized_weight() is not cached
+        assert q.quantized_weight() is not cached  # the inner block gave back the outer one's choice
+        raise KeyError("the body fails")
+    assert q.quantized_weight() is cached
 
 
 def test_weight_cache_follows_in_place_weight_updates(linear):
