@@ -4,8 +4,9 @@ Evol-Q rests on the claim that the loss of a quantized ViT, as a function of a b
 jagged at small perturbations: full of local minima where a gradient would stop. This module draws that function.
 It scores the model exactly as the search scores a candidate (the configured fitness against the FP teacher, mean
 over the calibration batches, the block's input computed once and only the suffix re-run) at the scales
-``s * (1 + t1 d1 + t2 d2)`` for unit-RMS random directions ``d`` and signed relative steps ``t``, and writes the
-values (CSV), their pictures (PNG, Agg canvas; no pyplot state) and a roughness figure per direction.
+``s * (1 + t d)`` along each of a few unit-RMS random directions ``d`` (or ``s * (1 + t1 d1 + t2 d2)`` over a
+grid of two) for signed relative steps ``t``, and writes the values (CSV), their pictures (PNG, Agg canvas; no
+pyplot state) and a roughness figure per direction.
 
 ``python cli.py landscape --config <cfg> [--ckpt_path last.ckpt] --block B`` runs it (``EvolQTrainer.landscape``);
 ``python -m evolq_pl.landscape`` takes the same arguments.
@@ -142,10 +143,12 @@ def roughness(values: Sequence[float], centre: int) -> Roughness:
 
 @dataclass
 class Landscape:
-    """Scores on the grid ``steps`` (one line) or ``steps`` x ``steps`` (two directions)."""
+    """Scores along each direction at ``steps`` (the others at 0), or with ``surface`` on the whole grid
+    ``steps`` x ``steps`` of two directions."""
 
     steps: list[float]
     directions: int
+    surface: bool = False
     rows: list[dict[str, float | None]] = field(default_factory=list)
     title: str = ""
 
@@ -173,7 +176,9 @@ class Landscape:
         return out
 
     def grid(self, key: str = "fitness") -> np.ndarray:
-        """Two directions: values as a [len(steps), len(steps)] array indexed [step_1, step_0]."""
+        """A surface's values as a [len(steps), len(steps)] array indexed [step_1, step_0]."""
+        if not self.surface:
+            raise ValueError("only a surface landscape (two directions, surface=True) has a grid")
         return np.array([[self.value((t0, t1), key) for t0 in self.steps] for t1 in self.steps], dtype=float)
 
     def roughness(self, direction: int) -> Roughness:
@@ -190,18 +195,30 @@ class Landscape:
 
 
 @torch.no_grad()
-def sweep(scales: ScaleVector, scorer: SuffixScorer, steps: Sequence[float], directions: int = 1,
-          seed: int = 0, on_point: Callable[[int, int], None] | None = None) -> Landscape:
-    """Score the model at every point of the grid along ``directions`` (1 or 2) seeded random directions, then put
-    the scales back as they were, also when interrupted."""
-    if directions not in (1, 2):
-        raise ValueError(f"directions={directions}: choose 1 (a line) or 2 (a surface)")
+def grid_points(steps: Sequence[float], directions: int, surface: bool = False) -> list[tuple[float, ...]]:
+    """The points a sweep scores: step 0 once, then each direction's line (the others at 0); or with ``surface``
+    every pair of steps of two directions."""
+    if directions < 1:
+        raise ValueError(f"directions={directions}: give at least 1")
+    if surface:
+        if directions != 2:
+            raise ValueError(f"a surface spans two directions, not {directions}")
+        return [(t0, t1) for t1 in steps for t0 in steps]
+    origin = (0.0,) * directions
+    return [origin] + [origin[:k] + (t,) + origin[k + 1:] for k in range(directions) for t in steps if t != 0.0]
+
+
+@torch.no_grad()
+def sweep(scales: ScaleVector, scorer: SuffixScorer, steps: Sequence[float], directions: int = 2,
+          surface: bool = False, seed: int = 0, on_point: Callable[[int, int], None] | None = None) -> Landscape:
+    """Score the model at every point of :func:`grid_points` along seeded random directions, then put the scales
+    back as they were, also when interrupted."""
     if 0.0 not in steps:
         raise ValueError("the step grid must contain 0 (the model as it stands)")
+    points = grid_points(steps, directions, surface)
     origin = scales.get()
     vectors = random_directions(scales.numel, directions, seed)
-    points = [(t,) for t in steps] if directions == 1 else [(t0, t1) for t1 in steps for t0 in steps]
-    out = Landscape(list(steps), directions)
+    out = Landscape(list(steps), directions, surface)
     try:
         for i, point in enumerate(points):
             scales.set(perturbed(origin, vectors, point))
@@ -238,7 +255,8 @@ def read_csv(path: str | Path) -> Landscape:
     directions = sum(1 for k in rows[0] if k.startswith("step_"))
     parsed = [{k: (float(v) if v != "" else None) for k, v in r.items()} for r in rows]
     steps = sorted({r["step_0"] for r in parsed})
-    return Landscape(steps, directions, parsed)
+    surface = directions == 2 and len(parsed) == len(steps) ** 2  # lines have 2 len(steps) - 1 rows
+    return Landscape(steps, directions, surface, parsed)
 
 
 def _xaxis(ax: Any, steps: Sequence[float]) -> None:
@@ -275,9 +293,7 @@ def plot_lines(landscape: Landscape, fitness_name: str = "fitness") -> Figure:
 
 
 def plot_surface(landscape: Landscape, fitness_name: str = "fitness") -> Figure:
-    """Two directions: the fitness (and held-out top-1) over the step grid, one cell per grid point."""
-    if landscape.directions != 2:
-        raise ValueError("a surface needs two directions")
+    """The fitness (and held-out top-1) over the grid of two directions, one cell per grid point."""
     keys = ["fitness"] + (["heldout_top1"] if landscape.has_heldout else [])
     fig = Figure(figsize=(4.6 * len(keys), 4.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -302,9 +318,9 @@ def plot_surface(landscape: Landscape, fitness_name: str = "fitness") -> Figure:
 
 
 def save_figures(landscape: Landscape, stem: str | Path, fitness_name: str = "fitness") -> dict[str, Figure]:
-    """``<stem>_lines.png`` (and ``<stem>_surface.png`` with two directions); returns the figures by kind."""
+    """``<stem>_lines.png`` (and ``<stem>_surface.png`` for a surface); returns the figures by kind."""
     figures = {"lines": plot_lines(landscape, fitness_name)}
-    if landscape.directions == 2:
+    if landscape.surface:
         figures["surface"] = plot_surface(landscape, fitness_name)
     for kind, fig in figures.items():
         fig.savefig(f"{stem}_{kind}.png", dpi=100)

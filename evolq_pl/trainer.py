@@ -30,8 +30,8 @@ class EvolQTrainer(Trainer):
     VERBS: tuple[str, ...] = ("landscape",)
 
     def landscape(self, model: EvolQModule, datamodule: CalibrationDataModule | None = None,
-                  ckpt_path: str | None = None, block: int | None = None, directions: int = 1, seed: int = 0,
-                  points: int = 13, min_step: float = 1e-4, max_step: float = 0.1,
+                  ckpt_path: str | None = None, block: int | None = None, directions: int = 2, surface: bool = False,
+                  seed: int = 0, points: int = 13, min_step: float = 1e-4, max_step: float = 0.1,
                   spacing: Literal["log", "linear"] = "log", heldout: bool = True) -> dict[str, Any]:
         """Draw the fitness landscape of one block's weight scales (evolq_pl.landscape): the configured fitness
         against the FP teacher on the calibration set, and the held-out top-1 where the data has a held-out split,
@@ -43,7 +43,8 @@ class EvolQTrainer(Trainer):
             datamodule: the config's data: calibration batches (and the held-out split).
             ckpt_path: a last.ckpt written by fit (the searched scales); without it, the calibrated baseline.
             block: index of the search block whose scales move (0 = the first block).
-            directions: 1 (a line) or 2 (a surface over both directions, with both lines on its axes).
+            directions: how many random directions, each drawn as a line through the model's scales.
+            surface: also score every pair of steps of the two directions (``--directions 2``; len(steps)² points).
             seed: seed of the random directions (the same seed gives the same directions for any checkpoint).
             points: steps of each sign (13: four per decade from 1e-4 to 1e-1 with spacing log).
             min_step: smallest relative step of the log grid.
@@ -51,7 +52,7 @@ class EvolQTrainer(Trainer):
             spacing: log (symmetric log grid) or linear (evenly spaced up to max_step, a zoom).
             heldout: also measure the held-out top-1 at every point (when the data has heldout_size > 0).
         """
-        from evolq_pl.landscape import SuffixScorer, save_figures, step_grid, sweep, write_csv
+        from evolq_pl.landscape import SuffixScorer, grid_points, save_figures, step_grid, sweep, write_csv
         from evolq_pl.search.scales import ScaleVector
 
         blocks = model.qmodel.search_blocks(include_mlp=model.hparams.search_mlp)
@@ -59,8 +60,8 @@ class EvolQTrainer(Trainer):
             raise ValueError(f"--block {block}: give the index of a search block, 0 to {len(blocks) - 1} "
                              f"({len(blocks)} blocks in {model.hparams.model_name})")
         steps = step_grid(points, min_step, max_step, spacing)
-        if directions not in (1, 2):
-            raise ValueError(f"--directions {directions}: choose 1 (a line) or 2 (a surface)")
+        if directions < 1 or (surface and directions != 2):
+            raise ValueError(f"--directions {directions}: give 1 or more lines, or 2 with --surface true")
         fitness_fn = get_fitness(model.hparams.fitness, model.hparams.temperature)
         qmodel, what = quantized_model_for(model, datamodule, ckpt_path)
         if datamodule is None:
@@ -71,8 +72,9 @@ class EvolQTrainer(Trainer):
                               datamodule.val_dataloader() if heldout else (), self.strategy.root_device,
                               int_ln_teacher=model.hparams.teacher == "int_ln",
                               context=self.precision_plugin.train_step_context)
-        rank_zero_info(f"landscape of {blocks[block].name} ({what}): {len(steps) ** directions} points")
-        result = sweep(ScaleVector(blocks[block].layers), scorer, steps, directions, seed)
+        rank_zero_info(f"landscape of {blocks[block].name} ({what}): "
+                       f"{len(grid_points(steps, directions, surface))} points")
+        result = sweep(ScaleVector(blocks[block].layers), scorer, steps, directions, surface, seed)
         result.title = (f"{model.hparams.model_name} W{model.qconfig.w_bits}A{model.qconfig.a_bits}, "
                         f"{blocks[block].name} ({'searched' if ckpt_path else 'calibrated baseline'}), seed {seed}")
         out = Path(self.log_dir or self.default_root_dir)

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli import cli_main
 from evolq_pl.data import DemoDataModule
 from evolq_pl.fitness import get_fitness
-from evolq_pl.landscape import main, random_directions, read_csv, roughness, step_grid
+from evolq_pl.landscape import grid_points, main, random_directions, read_csv, roughness, step_grid
 from evolq_pl.module import EvolQModule
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 
@@ -33,6 +33,16 @@ def test_bad_grid_is_refused():
         step_grid(min_step=0.1, max_step=0.01)
     with pytest.raises(ValueError, match="at least 1 step"):
         step_grid(0)
+
+
+def test_lines_share_step_zero_and_a_surface_takes_every_pair():
+    steps = step_grid(2)
+    lines = grid_points(steps, 3)
+    assert len(lines) == 1 + 3 * 4 and lines[0] == (0.0, 0.0, 0.0)
+    assert all(sum(t != 0.0 for t in p) == 1 for p in lines[1:])
+    assert len(set(grid_points(steps, 2, surface=True))) == 25
+    with pytest.raises(ValueError, match="two directions"):
+        grid_points(steps, 3, surface=True)
 
 
 def test_random_directions_are_seeded_and_unit_rms():
@@ -66,10 +76,10 @@ def _args(save_dir: Path, ckpt: str, *extra: str) -> list[str]:
 @torch.no_grad()
 def test_landscape_at_step_zero_is_the_calibrated_models_fitness(tmp_path, tiny_vit_checkpoint, caplog):
     cli = cli_main(["landscape", *_args(tmp_path, tiny_vit_checkpoint, "--trainer.logger.init_args.version", "v"),
-                    "--block", "1", "--directions", "2", "--points", "2"])
+                    "--block", "1", "--directions", "2", "--surface", "true", "--points", "2"])
     run = tmp_path / "evolq" / "v"
     landscape = read_csv(run / "landscape_block1.csv")
-    assert len(landscape.rows) == 5 * 5 and landscape.directions == 2
+    assert len(landscape.rows) == 5 * 5 and landscape.directions == 2 and landscape.surface
 
     # the same model and data built apart, scored with whole forward passes (not the tool's cached suffix)
     module = EvolQModule(model_name="vit_tiny_patch16_224", checkpoint_path=tiny_vit_checkpoint, w_bits=3)
@@ -111,9 +121,9 @@ def test_landscape_of_a_searched_checkpoint_starts_at_the_searched_fitness(tmp_p
     last = tmp_path / "evolq" / "fit" / "checkpoints" / "last.ckpt"
     cli_main(["landscape", *_args(tmp_path, tiny_vit_checkpoint, "--data.heldout_size", "0",
                                   "--trainer.logger.init_args.version", "after"),
-              "--ckpt_path", str(last), "--block", "2", "--points", "1"])
+              "--ckpt_path", str(last), "--block", "2", "--directions", "1", "--points", "1"])
     landscape = read_csv(tmp_path / "evolq" / "after" / "landscape_block2.csv")
-    assert [r["step_0"] for r in landscape.rows] == [-0.1, 0.0, 0.1]
+    assert sorted(r["step_0"] for r in landscape.rows) == [-0.1, 0.0, 0.1]
     assert landscape.value((0.0,)) == pytest.approx(searched, rel=1e-6)  # TensorBoard stores float32
     assert not landscape.has_heldout
     assert math.isfinite(landscape.roughness(0).tv_ratio)
