@@ -15,6 +15,7 @@ pyplot state) and a roughness figure per direction.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from evolq_pl.fitness import FitnessAccumulator, FitnessFn
 from evolq_pl.models.base import QuantizedModel
@@ -263,6 +265,8 @@ def _xaxis(ax: Any, steps: Sequence[float]) -> None:
     positive = [t for t in steps if t > 0]
     if len(positive) > 2 and positive[-1] / positive[0] > 20:  # log-spaced: symmetric log axis around 0
         ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+    else:
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
     ax.axvline(0.0, color="0.6", lw=0.8, zorder=0)
     ax.grid(True, which="major", alpha=0.3)
 
@@ -305,7 +309,7 @@ def plot_surface(landscape: Landscape, fitness_name: str = "fitness") -> Figure:
         values = landscape.grid(key) - (centre if key == "fitness" else 0.0)
         image = ax.imshow(values, origin="lower", cmap="viridis" if key == "fitness" else "magma",
                           interpolation="nearest")
-        ax.plot([landscape.centre], [landscape.centre], marker="+", color="white", ms=10)
+        ax.plot([landscape.centre], [landscape.centre], marker="s", ms=9, mfc="none", mec="red", mew=1.2)
         ax.set_xticks(ticks, labels, fontsize=7)
         ax.set_yticks(ticks, labels, fontsize=7)
         ax.set_xlabel("step along direction 0")
@@ -323,8 +327,16 @@ def save_figures(landscape: Landscape, stem: str | Path, fitness_name: str = "fi
     if landscape.surface:
         figures["surface"] = plot_surface(landscape, fitness_name)
     for kind, fig in figures.items():
-        fig.savefig(f"{stem}_{kind}.png", dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        compact_png(buffer, f"{stem}_{kind}.png")
     return figures
+
+
+def compact_png(source: str | Path | io.BytesIO, dest: str | Path) -> None:
+    """A PNG as 256 colours (a plot has a few; the file shrinks about 2.5x and looks the same)."""
+    with Image.open(source) as image:
+        image.convert("RGB").quantize(colors=256).save(dest, optimize=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
