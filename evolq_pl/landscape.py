@@ -343,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m evolq_pl.landscape ARGS`` is ``python cli.py landscape ARGS``."""
     from evolq_pl.cli import cli_main
 
-    cli_main(["landscape", *(sys.argv[1:] if argv is None else argv)])
+    if argv is None:  # the program's own command line, read by the CLI as cli.py's is
+        sys.argv[1:] = ["landscape", *sys.argv[1:]]
+        cli_main()
+    else:
+        cli_main(["landscape", *argv])
 
 
 if __name__ == "__main__":
