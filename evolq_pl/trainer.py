@@ -62,10 +62,10 @@ class EvolQTrainer(Trainer):
         steps = step_grid(points, min_step, max_step, spacing)
         if directions < 1 or (surface and directions != 2):
             raise ValueError(f"--directions {directions}: give 1 or more lines, or 2 with --surface true")
-        fitness_fn = get_fitness(model.hparams.fitness, model.hparams.temperature)
-        qmodel, what = quantized_model_for(model, datamodule, ckpt_path)
         if datamodule is None:
             raise ValueError("the landscape scores the calibration set: give the config a data: section")
+        fitness_fn = get_fitness(model.hparams.fitness, model.hparams.temperature)
+        qmodel, what = quantized_model_for(model, datamodule, ckpt_path)
         datamodule.setup("fit")
         qmodel.to(self.strategy.root_device)
         scorer = SuffixScorer(qmodel, block, datamodule.calib_dataloader(), fitness_fn,
