@@ -3,8 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# System packages (Debian): apt-get installs them when run as root, else one line names the command and make stops.
+SYSTEM_SETUP := PY=$(PY) scripts/system_setup.sh $(if $(wildcard $(BIN)/python),,venv)
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint clean-venv system-demo system-test
+.NOTPARALLEL:  # the system step runs before the venv is made and the tests start
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,10 +15,16 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
+system-demo:
+	@$(SYSTEM_SETUP)
+
+system-test:
+	@$(SYSTEM_SETUP) dataset compiler
+
+demo: system-demo $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: system-test $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
