@@ -23,7 +23,22 @@ if TYPE_CHECKING:
 class EvolQTrainer(Trainer):
     """A Trainer whose extra verbs (``VERBS``) LightningCLI offers as subcommands."""
 
-    VERBS: tuple[str, ...] = ()
+    VERBS: tuple[str, ...] = ("export",)
+
+    def export(self, model: EvolQModule, datamodule: CalibrationDataModule | None = None,
+               ckpt_path: str | None = None, output: str | None = None) -> None:
+        """Write the searched model of ``ckpt_path`` (without it: the calibrated baseline) as an integer QDQ ONNX
+        graph that ONNX Runtime runs (model.onnx) and a runtime-neutral record (quantized.safetensors/.json).
+
+        Args:
+            ckpt_path: a last.ckpt of ``fit`` with this config; omitted: calibrate on the config's data and export
+                the baseline.
+            output: folder to write (replaced whole if it holds an earlier export); default: ``export/`` in the
+                checkpoint's run folder, or ``exports/<model>_w<W>a<A>_baseline``.
+        """
+        from evolq_pl.export.command import export_command
+
+        export_command(model, datamodule, ckpt_path, output)
 
 
 def quantized_model_for(model: EvolQModule, datamodule: CalibrationDataModule | None,
