@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, numpy_helper
 from torch import nn
 
 from evolq_pl.export.emitters import Emitter
@@ -202,3 +203,13 @@ def test_weight_is_an_integer_initializer_that_dequantizes_to_the_fake_quantized
             layer.bias = None
             out = run(nn.ModuleDict({"l": layer}), lambda e, n, layer=layer: e.linear(n, layer), x)
             np.testing.assert_array_equal(out, expected)  # x = I: the rows of Wᵀ themselves, bit for bit
+
+            g = Graph()
+            Emitter(g, nn.ModuleDict({"l": layer})).weight(layer)
+            (stored,) = [t for t in g.initializers if t.name == "l.weight.qvalues"]
+            assert stored.data_type == {(True, False): TensorProto.UINT4, (True, True): TensorProto.INT4,
+                                        (False, False): TensorProto.UINT8, (False, True): TensorProto.INT8}[
+                                            (bits <= 4, signed)]
+            values = numpy_helper.to_array(stored).astype(np.int64)
+            assert values.min() >= layer.weight_quantizer.bit_type.qmin
+            assert values.max() <= layer.weight_quantizer.bit_type.qmax
