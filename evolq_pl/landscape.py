@@ -22,18 +22,26 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from evolq_pl.fitness import FitnessAccumulator, FitnessFn
+from evolq_pl.fitness import FitnessAccumulator, FitnessFn, get_fitness
 from evolq_pl.models.base import QuantizedModel
 from evolq_pl.quant.modes import quantization_disabled
 from evolq_pl.search.scales import ScaleVector
+from evolq_pl.trainer import quantized_model_for
+
+if TYPE_CHECKING:
+    from evolq_pl.data import CalibrationDataModule
+    from evolq_pl.module import EvolQModule
 
 Context = Callable[[], AbstractContextManager[Any]]
 
@@ -337,6 +345,44 @@ def compact_png(source: str | Path | io.BytesIO, dest: str | Path) -> None:
     """A PNG as 256 colours (a plot has a few; the file shrinks about 2.5x and looks the same)."""
     with Image.open(source) as image:
         image.convert("RGB").quantize(colors=256).save(dest, optimize=True)
+
+
+def landscape_command(trainer: Trainer, model: EvolQModule, datamodule: CalibrationDataModule | None,
+                      ckpt_path: str | None, block: int | None, directions: int = 2, surface: bool = False,
+                      seed: int = 0, points: int = 13, min_step: float = 1e-4, max_step: float = 0.1,
+                      spacing: Literal["log", "linear"] = "log", heldout: bool = True) -> dict[str, Any]:
+    """The ``landscape`` verb (options documented at ``EvolQTrainer.landscape``): sweep, CSV, PNGs, TensorBoard."""
+    blocks = model.qmodel.search_blocks(include_mlp=model.hparams.search_mlp)
+    if block is None or not 0 <= block < len(blocks):
+        raise ValueError(f"--block {block}: give the index of a search block, 0 to {len(blocks) - 1} "
+                         f"({len(blocks)} blocks in {model.hparams.model_name})")
+    steps = step_grid(points, min_step, max_step, spacing)
+    if directions < 1 or (surface and directions != 2):
+        raise ValueError(f"--directions {directions}: give 1 or more lines, or 2 with --surface true")
+    if datamodule is None:
+        raise ValueError("the landscape scores the calibration set: give the config a data: section")
+    fitness_fn = get_fitness(model.hparams.fitness, model.hparams.temperature)
+    qmodel, what = quantized_model_for(model, datamodule, ckpt_path)
+    datamodule.setup("fit")
+    qmodel.to(trainer.strategy.root_device)
+    scorer = SuffixScorer(qmodel, block, datamodule.calib_dataloader(), fitness_fn,
+                          datamodule.val_dataloader() if heldout else (), trainer.strategy.root_device,
+                          int_ln_teacher=model.hparams.teacher == "int_ln",
+                          context=trainer.precision_plugin.train_step_context)
+    rank_zero_info(f"landscape of {blocks[block].name} ({what}): "
+                   f"{len(grid_points(steps, directions, surface))} points")
+    result = sweep(ScaleVector(blocks[block].layers), scorer, steps, directions, surface, seed)
+    result.title = (f"{model.hparams.model_name} W{model.qconfig.w_bits}A{model.qconfig.a_bits}, "
+                    f"{blocks[block].name} ({'searched' if ckpt_path else 'calibrated baseline'}), seed {seed}")
+    out = Path(trainer.log_dir or trainer.default_root_dir)
+    csv_path = write_csv(result, out / f"landscape_block{block}.csv")
+    figures = save_figures(result, out / f"landscape_block{block}", model.hparams.fitness)
+    if isinstance(trainer.logger, TensorBoardLogger):
+        for kind, fig in figures.items():
+            trainer.logger.experiment.add_figure(f"landscape/block{block}_{kind}", fig, close=False)
+        trainer.logger.experiment.flush()
+    rank_zero_info(f"landscape of {blocks[block].name}: {result.summary()}; {csv_path} and PNGs")
+    return {"csv": str(csv_path), "fitness_at_0": result.value([0.0] * directions), "summary": result.summary()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

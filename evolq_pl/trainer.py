@@ -7,15 +7,11 @@ with the same config, model and data module as ``fit``. Each verb only delegates
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from evolq_pl.checkpoint_io import AtomicCheckpointIO
-from evolq_pl.fitness import get_fitness
 from evolq_pl.quant.modes import calibrate, set_quantized
 
 if TYPE_CHECKING:
@@ -27,7 +23,7 @@ if TYPE_CHECKING:
 class EvolQTrainer(Trainer):
     """A Trainer whose extra verbs (``VERBS``) LightningCLI offers as subcommands."""
 
-    VERBS: tuple[str, ...] = ("landscape",)
+    VERBS: tuple[str, ...] = ("export", "landscape")
 
     def landscape(self, model: EvolQModule, datamodule: CalibrationDataModule | None = None,
                   ckpt_path: str | None = None, block: int | None = None, directions: int = 2, surface: bool = False,
@@ -52,40 +48,25 @@ class EvolQTrainer(Trainer):
             spacing: log (symmetric log grid) or linear (evenly spaced up to max_step, a zoom).
             heldout: also measure the held-out top-1 at every point (when the data has heldout_size > 0).
         """
-        from evolq_pl.landscape import SuffixScorer, grid_points, save_figures, step_grid, sweep, write_csv
-        from evolq_pl.search.scales import ScaleVector
+        from evolq_pl.landscape import landscape_command
 
-        blocks = model.qmodel.search_blocks(include_mlp=model.hparams.search_mlp)
-        if block is None or not 0 <= block < len(blocks):
-            raise ValueError(f"--block {block}: give the index of a search block, 0 to {len(blocks) - 1} "
-                             f"({len(blocks)} blocks in {model.hparams.model_name})")
-        steps = step_grid(points, min_step, max_step, spacing)
-        if directions < 1 or (surface and directions != 2):
-            raise ValueError(f"--directions {directions}: give 1 or more lines, or 2 with --surface true")
-        if datamodule is None:
-            raise ValueError("the landscape scores the calibration set: give the config a data: section")
-        fitness_fn = get_fitness(model.hparams.fitness, model.hparams.temperature)
-        qmodel, what = quantized_model_for(model, datamodule, ckpt_path)
-        datamodule.setup("fit")
-        qmodel.to(self.strategy.root_device)
-        scorer = SuffixScorer(qmodel, block, datamodule.calib_dataloader(), fitness_fn,
-                              datamodule.val_dataloader() if heldout else (), self.strategy.root_device,
-                              int_ln_teacher=model.hparams.teacher == "int_ln",
-                              context=self.precision_plugin.train_step_context)
-        rank_zero_info(f"landscape of {blocks[block].name} ({what}): "
-                       f"{len(grid_points(steps, directions, surface))} points")
-        result = sweep(ScaleVector(blocks[block].layers), scorer, steps, directions, surface, seed)
-        result.title = (f"{model.hparams.model_name} W{model.qconfig.w_bits}A{model.qconfig.a_bits}, "
-                        f"{blocks[block].name} ({'searched' if ckpt_path else 'calibrated baseline'}), seed {seed}")
-        out = Path(self.log_dir or self.default_root_dir)
-        csv_path = write_csv(result, out / f"landscape_block{block}.csv")
-        figures = save_figures(result, out / f"landscape_block{block}", model.hparams.fitness)
-        if isinstance(self.logger, TensorBoardLogger):
-            for kind, fig in figures.items():
-                self.logger.experiment.add_figure(f"landscape/block{block}_{kind}", fig, close=False)
-            self.logger.experiment.flush()
-        rank_zero_info(f"landscape of {blocks[block].name}: {result.summary()}; {csv_path} and PNGs")
-        return {"csv": str(csv_path), "fitness_at_0": result.value([0.0] * directions), "summary": result.summary()}
+        return landscape_command(self, model, datamodule, ckpt_path, block, directions, surface, seed, points,
+                                 min_step, max_step, spacing, heldout)
+
+    def export(self, model: EvolQModule, datamodule: CalibrationDataModule | None = None,
+               ckpt_path: str | None = None, output: str | None = None) -> None:
+        """Write the searched model of ``ckpt_path`` (without it: the calibrated baseline) as an integer QDQ ONNX
+        graph that ONNX Runtime runs (model.onnx) and a runtime-neutral record (quantized.safetensors/.json).
+
+        Args:
+            ckpt_path: a last.ckpt of ``fit`` with this config; omitted: calibrate on the config's data and export
+                the baseline.
+            output: folder to write (replaced whole if it holds an earlier export); default: ``export/`` in the
+                checkpoint's run folder, or ``exports/<model>_w<W>a<A>_baseline``.
+        """
+        from evolq_pl.export.command import export_command
+
+        export_command(model, datamodule, ckpt_path, output)
 
 
 def quantized_model_for(model: EvolQModule, datamodule: CalibrationDataModule | None,
