@@ -7,14 +7,12 @@ test numbers from the demo test images, which the search never sees.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from evolq_pl.cli import cli_main
 
-from cli import cli_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -38,7 +36,7 @@ def main() -> None:
     search_s = time.perf_counter() - started
     module = cli.model
     rows = {"FP": evaluate(cli, fp=True)}
-    with module.calibrated_baseline():
+    with module.engine.at_baseline():
         rows["baseline (calibrated)"] = evaluate(cli)
     rows["Evol-Q"] = evaluate(cli)
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"

@@ -40,8 +40,7 @@ class GenerationStamp(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # a resume at a visit's end replays that visit's ticks as no-ops: they are not generations
-        self.real = not (pl_module.visit == trainer.current_epoch
-                         and pl_module.generation_in_visit >= pl_module.search_config.num_cycles)
+        self.real = pl_module.engine.next_visit == trainer.current_epoch
         if self.real:
             print(f"{STAMP} start {trainer.global_step}", flush=True)
 
@@ -160,7 +159,6 @@ def main() -> None:
     if weights is None:
         weights = work / "tiny_vit.pth"
         if not weights.is_file():
-            sys.path.insert(0, str(ROOT))
             from evolq_pl.testing import train_tiny_vit
 
             started = time.perf_counter()
