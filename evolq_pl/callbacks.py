@@ -1,8 +1,8 @@
 """What a search run needs besides the search itself: the fused-kernel scope, logs, held-out selection, run files.
 
-``EvolQModule`` attaches :class:`FusedKernels`, :class:`SearchLogger` (and :class:`HeldoutSelection` with
-``selection: heldout``) itself; cli.py adds :class:`QuantMapFile` and :class:`TestResultsFile`, so a run folder
-holds ``quant_map.txt`` and ``test_results.json``.
+``EvolQModule`` attaches :class:`FusedKernels`, :class:`SearchLogger` and :class:`HeldoutSelection` itself (where the
+Trainer has none of their kind); they follow the module's own options. cli.py adds :class:`QuantMapFile` and
+:class:`TestResultsFile`, so a run folder holds ``quant_map.txt`` and ``test_results.json``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ HELDOUT_TOP1 = "heldout/top1"
 
 
 class FusedKernels(Callback):
-    """Turns the process-wide fused-kernel switch to ``enabled`` for one fit/validate/test and puts it back to what
-    it was afterwards, also when the run fails (Lightning calls no teardown hook then)."""
+    """Sets the process-wide fused-kernel switch to the module's ``fused`` for one fit/validate/test and puts it back
+    to what it was afterwards, also when the run fails (Lightning calls no teardown hook then)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self._scope = ExitStack()
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._scope.enter_context(fused_kernels(self.enabled))
+    def setup(self, trainer: Trainer, pl_module: EvolQModule, stage: str) -> None:
+        self._scope.enter_context(fused_kernels(pl_module.hparams.fused))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._scope.close()
@@ -45,8 +44,9 @@ class FusedKernels(Callback):
 
 
 class SearchLogger(Callback):
-    """Per generation: best/mean/child fitness, accepted, rejected, seconds; per visit: fitness before/after and the
-    mean relative scale change; block/pass/generation in the progress bar; a warning per non-finite candidate."""
+    """Per generation: best/mean/child fitness, accepted, rejected, evaluations so far, seconds; per visit: fitness
+    before/after and the mean relative scale change; block/pass/generation in the progress bar; a warning per
+    non-finite candidate."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -63,6 +63,7 @@ class SearchLogger(Callback):
             "search/child_fitness": min(finite) if finite else -1.0,
             "search/accepted": float(report.accepted),
             "search/rejected_nonfinite": float(len(report.fitnesses) - len(finite)),
+            "search/evaluations": float(report.evaluations),
             "search/sec_per_generation": report.seconds,
         }, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log_dict({"block": float(report.block), "pass": float(report.pass_index),
@@ -79,11 +80,12 @@ class SearchLogger(Callback):
 
 
 class HeldoutSelection(Callback):
-    """Keeps the scales with the best held-out top-1 (the original's per-block selection, pointed at a split of
-    train, never at the test set) and puts them back when the fit ends."""
+    """With the module's ``selection: heldout``: keeps the scales with the best held-out top-1 (the original's
+    per-block selection, pointed at a split of train, never at the test set) and puts them back when the fit ends."""
 
     def on_validation_end(self, trainer: Trainer, pl_module: EvolQModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit" and HELDOUT_TOP1 in trainer.callback_metrics:
+        if (pl_module.hparams.selection == "heldout" and not trainer.sanity_checking and trainer.state.fn == "fit"
+                and HELDOUT_TOP1 in trainer.callback_metrics):
             pl_module.engine.offer_heldout(float(trainer.callback_metrics[HELDOUT_TOP1]))
 
     def on_fit_end(self, trainer: Trainer, pl_module: EvolQModule) -> None:

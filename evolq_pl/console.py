@@ -25,8 +25,8 @@ SILENCED_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
 )
 SILENCED_LOGS: tuple[tuple[str, str], ...] = (
     # an advertisement printed by every Trainer without Lightning's cloud logger
-    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging and experiment tracking, try installing "
-                                              "[litlogger]"),
+    ("lightning.pytorch.utilities.rank_zero",
+     "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"),
 )
 
 

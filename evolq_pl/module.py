@@ -101,7 +101,8 @@ class EvolQModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        for name, value, choices in (("teacher", teacher, ("fp", "int_ln")), ("selection", selection, ("none", "heldout"))):
+        for name, value, choices in (("teacher", teacher, ("fp", "int_ln")),
+                                     ("selection", selection, ("none", "heldout"))):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: choose {' or '.join(choices)}")
         self.qconfig = QuantConfig.from_preset(preset, w_bits=w_bits, a_bits=a_bits, **(quant_overrides or {}))
@@ -137,8 +138,9 @@ class EvolQModule(LightningModule):
                 "num_blocks": len(self.blocks), "search_mlp": self.hparams.search_mlp}
 
     def configure_callbacks(self) -> list[Callback]:
-        return [FusedKernels(self.hparams.fused), SearchLogger(),
-                *([HeldoutSelection()] if self.hparams.selection == "heldout" else [])]
+        """The callbacks the module's options need, where the Trainer has none of their kind (from an earlier run)."""
+        return [cb() for cb in (FusedKernels, SearchLogger, HeldoutSelection)
+                if not any(isinstance(c, cb) for c in self.trainer.callbacks)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return GenerationCounter(self.device)
@@ -149,7 +151,8 @@ class EvolQModule(LightningModule):
         if not self._calib:
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "calib_dataloader"):
-                raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its calibration set")
+                raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its "
+                                   "calibration set")
             self._calib = [b[0] if isinstance(b, list | tuple) else b for b in dm.calib_dataloader()]
             if not self._calib:
                 raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
@@ -252,7 +255,8 @@ class EvolQModule(LightningModule):
         self.test_top5.update(logits, y)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = {"top1": float(self.test_top1.compute()) * 100, "top5": float(self.test_top5.compute()) * 100}
+        self.test_metrics = {"top1": float(self.test_top1.compute()) * 100,
+                             "top5": float(self.test_top5.compute()) * 100}
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
         self.test_top1.reset()
         self.test_top5.reset()
@@ -281,7 +285,8 @@ class EvolQModule(LightningModule):
         except RuntimeError:  # not attached to a Trainer (LightningModule.load_from_checkpoint)
             fitting = False
         dm = getattr(self.trainer, "datamodule", None) if fitting else None
-        state = self.check_checkpoint(checkpoint, resume=fitting, data_hparams=dict(dm.hparams) if dm is not None else None)
+        state = self.check_checkpoint(checkpoint, resume=fitting,
+                                      data_hparams=dict(dm.hparams) if dm is not None else None)
         if fitting:
             self.engine.load_state_dict(state["search"])
             self._resumed_teacher_id = state["teacher_id"]

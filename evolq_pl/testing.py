@@ -92,7 +92,8 @@ class ToyEvaluator:
         self.prepared = None
 
     def fitness(self) -> float:
-        return float(sum(((s.double() - t.double()) ** 2).sum() for s, t in zip(self.scales, self.targets, strict=True)))
+        pairs = zip(self.scales, self.targets, strict=True)
+        return float(sum(((s.double() - t.double()) ** 2).sum() for s, t in pairs))
 
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         if self.prepared != block:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from evolq_pl.cli import cli_main
+from evolq_pl.console import quiet_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +23,9 @@ def evaluate(cli, fp: bool = False) -> tuple[float, float, float]:
     module, trainer, data = cli.model, cli.trainer, cli.datamodule
     module.hparams.eval_fp = fp
     try:
-        held = trainer.validate(module, datamodule=data, verbose=False)[0]
-        test = trainer.test(module, datamodule=data, verbose=False)[0]
+        with quiet_lightning():  # as cli_main runs the fit
+            held = trainer.validate(module, datamodule=data, verbose=False)[0]
+            test = trainer.test(module, datamodule=data, verbose=False)[0]
     finally:
         module.hparams.eval_fp = False
     return test["test/top1"], held["heldout/top1"], held["heldout/infonce"]

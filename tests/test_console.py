@@ -68,7 +68,8 @@ def test_quiet_lightning_restores_the_warning_filters_and_the_logger():
         assert len(warnings.filters) > len(before) and len(logger.filters) == len(log_filters) + 1
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
-                          "pre-optimization state was saved. The checkpoint will contain ...", UserWarning, stacklevel=1)
+                          "pre-optimization state was saved. The checkpoint will contain ...", UserWarning,
+                          stacklevel=1)
             warnings.warn("Using ModelCheckpoint wrongly", UserWarning, stacklevel=1)
         assert [str(w.message) for w in caught] == ["Using ModelCheckpoint wrongly"]
     assert warnings.filters == before and logger.filters == log_filters

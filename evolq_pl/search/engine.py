@@ -122,6 +122,8 @@ class Generation:
     accepted: int
     """Candidates with a finite fitness that the strategy kept."""
     best_fitness: float
+    evaluations: int
+    """Fitness evaluations of the whole search so far."""
     seconds: float
     """Wall time of the generation (asking, scoring, telling), without preparing a visit."""
     stats: dict[str, float] = field(default_factory=dict)
@@ -223,8 +225,8 @@ class SearchEngine:
             evaluator.end_block(block)
             self._prepared = None
         return Generation(s.visit, block, s.visit // self.num_blocks, s.generation, fitnesses,
-                          sum(k and math.isfinite(f) for k, f in zip(kept, fitnesses, strict=True)), best, seconds,
-                          s.strategy.stats(), summary)
+                          sum(k and math.isfinite(f) for k, f in zip(kept, fitnesses, strict=True)), best,
+                          s.evaluations, seconds, s.strategy.stats(), summary)
 
     # -- whole-model snapshots: the baseline, held-out selection ---------------------------------------------------
 

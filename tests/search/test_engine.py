@@ -58,7 +58,7 @@ def test_visits_blocks_last_to_first_and_counts_generations_and_evaluations():
     assert [(r.visit, r.block, r.pass_index, r.index) for r in reports[:3]] == [(0, 2, 0, 1), (0, 2, 0, 2),
                                                                                (1, 1, 0, 1)]
     assert [r.visit_summary is not None for r in reports] == [False, True] * 6
-    assert engine.state.evaluations == 1 + 12  # the baseline once, then one child per generation
+    assert engine.state.evaluations == reports[-1].evaluations == 1 + 12  # the baseline, then one child each
     assert engine.next_visit == 6
     with pytest.raises(RuntimeError, match="the search is finished: all 6 block visits are done"):
         engine.step()

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = {  # shipped weights, so that only the search's own arithmetic stands between the pin and the run
     "vit6": ["--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path",
              str(ROOT / "checkpoints" / "vit6_fmnist.pth"), "--model.num_passes", "2"],
-    "levit": ["--model.model_name", "levit_128s", "--model.checkpoint_path", str(ROOT / "checkpoints" / "levit_fmnist.pth"),
-              "--model.num_passes", "1"],
+    "levit": ["--model.model_name", "levit_128s", "--model.checkpoint_path",
+              str(ROOT / "checkpoints" / "levit_fmnist.pth"), "--model.num_passes", "1"],
 }
 IMAGE_SIZE = {"vit6": "28", "levit": "96"}
 
@@ -53,7 +53,8 @@ def run_args(case: str, root: Path) -> list[str]:
         "fit", *CASES[case], "--model.pretrained", "false", "--model.w_bits", "3", "--model.population_size", "4",
         "--model.tournament_size", "3", "--model.num_cycles", "2", "--model.seed", "3",
         "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64", "--data.heldout_size", "0",
-        "--data.batch_size", "32", "--data.image_size", IMAGE_SIZE[case], "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--data.batch_size", "32", "--data.image_size", IMAGE_SIZE[case], "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.version", case,
     ]
