@@ -122,8 +122,10 @@ def saved_step(save_dir: Path) -> int:
 
 
 def same_search(a: Path, b: Path) -> tuple[bool, str]:
-    """Bitwise comparison of two final checkpoints: quantizer state, population, generator, step."""
+    """Bitwise comparison of two final checkpoints: quantizer state, the whole search state, step."""
     import torch
+
+    from evolq_pl.search.engine import same_state
 
     x, y = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
     if x["global_step"] != y["global_step"]:
@@ -131,13 +133,11 @@ def same_search(a: Path, b: Path) -> tuple[bool, str]:
     for key in x["state_dict"]:
         if not torch.equal(x["state_dict"][key], y["state_dict"][key]):
             return False, f"state_dict[{key}] differs"
-    px, py = x["evolq"]["population"], y["evolq"]["population"]
-    if px["fitness"] != py["fitness"] or px["uids"] != py["uids"] or not all(
-            torch.equal(s, t) for s, t in zip(px["scales"], py["scales"], strict=True)):
-        return False, "population differs"
-    if x["evolq"]["rng"] != y["evolq"]["rng"]:
-        return False, "random generator state differs"
-    return True, f"{len(x['state_dict'])} quantizer tensors, population and generator state equal"
+    differ = [key for key in x["evolq"]["search"] if not same_state(x["evolq"]["search"][key],
+                                                                     y["evolq"]["search"].get(key))]
+    if differ:
+        return False, f"search state differs: {differ}"
+    return True, f"{len(x['state_dict'])} quantizer tensors and the search state (strategy, generator, counters) equal"
 
 
 def main() -> None:

@@ -22,6 +22,17 @@ from evolq_pl.search.schedule import SearchConfig, block_schedule
 from evolq_pl.search.strategies import Strategy, get_strategy
 
 
+def same_state(a: Any, b: Any) -> bool:
+    """Bitwise equality of two ``state_dict()`` values (nested dicts, lists, tensors, plain values)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(same_state, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 class Evaluator(Protocol):
     """What the engine needs from a model: score, write and read the scale vector of search block ``block``."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evolq_pl.search.engine import NonFiniteBaseline, SearchEngine
+from evolq_pl.search.engine import NonFiniteBaseline, SearchEngine, same_state
 from evolq_pl.search.evolution import Population, generation
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.testing import ToyEvaluator
@@ -36,17 +36,6 @@ def roundtrip(state: dict) -> dict:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
-
-
-def same(a, b) -> bool:
-    """Bitwise equality of nested dicts, lists, tensors and plain values."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return isinstance(b, list | tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
 
 
 def test_visits_blocks_last_to_first_and_counts_generations_and_evaluations():
@@ -111,7 +100,7 @@ def test_save_and_restore_then_continue_ends_bitwise_like_an_uninterrupted_engin
     run(resumed)
 
     assert all(torch.equal(evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
-    assert same(resumed.state_dict(), reference.state_dict())
+    assert same_state(resumed.state_dict(), reference.state_dict())
 
 
 def test_a_state_from_another_version_is_refused_with_its_missing_fields():
