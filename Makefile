@@ -9,10 +9,10 @@ SYSTEM_SETUP := PY=$(PY) scripts/system_setup.sh $(if $(wildcard $(BIN)/python),
 .PHONY: demo test lint clean-venv system-demo system-test
 .NOTPARALLEL:  # the system step runs before the venv is made and the tests start
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 system-demo:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, FashionMNISTDataModule  # noqa: E402
-from evolq_pl.module import EvolQModule  # noqa: E402
-from evolq_pl.quant.modes import calibrate, quantization_disabled  # noqa: E402
+from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, FashionMNISTDataModule
+from evolq_pl.module import EvolQModule
+from evolq_pl.quant.modes import calibrate, quantization_disabled
 
 
 @torch.no_grad()
@@ -60,12 +56,12 @@ def load_reference(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argpars
     """A shipped reference model (its ``meta`` names the timm model and image size) as an EvolQModule on
     ``args.device``, and its Fashion-MNIST splits: ``args.calib_size`` calibration images drawn with ``seed``."""
     meta = torch.load(ckpt, map_location="cpu", weights_only=True).get("meta", {})
-    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, heldout_size=heldout_size,
-                                  batch_size=100, test_batch_size=1000, seed=seed,
-                                  image_size=meta.get("image_size"))
-    data.setup("test")
     module = EvolQModule(model_name=meta.get("timm_name", "vit_tiny_patch16_224"), checkpoint_path=ckpt,
                          w_bits=w_bits, a_bits=a_bits, seed=seed, **module_kwargs)
+    data = FashionMNISTDataModule(root=args.data_root, calib_size=args.calib_size, heldout_size=heldout_size,
+                                  batch_size=100, test_batch_size=1000, seed=seed,
+                                  image_size=meta.get("image_size"), generations_per_epoch=module.hparams.num_cycles)
+    data.setup("test")
     return module.to(torch.device(args.device)), data
 
 
@@ -89,6 +85,7 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       inference_mode=False, precision=args.precision, num_sanity_val_steps=0,
+                      max_epochs=module.engine.num_visits,  # one epoch per block visit
                       check_val_every_n_epoch=len(module.blocks),  # held-out selection once per pass
                       limit_val_batches=1.0 if module.hparams.selection == "heldout" else 0)
     trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search

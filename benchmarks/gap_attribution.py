@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.accuracy import compare, load_reference, test_logits  # noqa: E402
-from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT  # noqa: E402
-from evolq_pl.quant.modes import calibrate, quantized_parts  # noqa: E402
+from benchmarks.accuracy import compare, load_reference, test_logits
+from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT
+from evolq_pl.quant.modes import calibrate, quantized_parts
 
 # name -> which parts stay quantized (weights, activations, integer LayerNorm, only the searched layers' weights)
 PARTS = {

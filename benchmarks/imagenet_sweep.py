@@ -15,10 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.accuracy import mean_sd
 
-from benchmarks.accuracy import mean_sd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ["vit_base", "deit_tiny", "deit_small", "deit_base", "levit_128s", "levit_128", "levit_192", "levit_256",
           "levit_384"]

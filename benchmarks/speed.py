@@ -2,7 +2,7 @@
 
 For each model, calibration-set size, precision and visited block ``i`` it times, interleaved and side by side:
 
-1. ``candidate``: what ``EvolQModule`` does per child: write the mutated scales into block ``i``'s layers, run
+1. ``candidate``: what the search's ``SuffixEvaluator`` does per child: write the mutated scales into block ``i``'s layers, run
    ``forward_from(i, cached_input)`` on every calibration batch and score infoNCE against cached teacher logits
    (``generation`` is also timed whole: tournament, mutation, evaluation, writing the best scales back);
 2. ``floor``: timm's own FP blocks ``i..``, final norm and head on the same cached inputs (quantization off);
@@ -40,12 +40,12 @@ from torch import nn
 
 from evolq_pl.fitness import FitnessAccumulator, get_fitness
 from evolq_pl.models import PAPER_MODELS, create_fp_model, quantize_model
-from evolq_pl.module import suffix_fitness
 from evolq_pl.quant import functional as QF
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.fused import fused_kernels
 from evolq_pl.quant.layers import weight_cache_disabled
 from evolq_pl.quant.modes import calibrate, quantization_disabled
+from evolq_pl.search.evaluator import suffix_fitness
 from evolq_pl.search.evolution import Population, generation, mutate
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig
@@ -266,7 +266,7 @@ def bench_block(i: int, qmodel: nn.Module, fp: nn.Module, layers: tuple, batches
                 args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     timer = Timer(device)
     n_images = sum(len(b) for b in batches)
-    def visit() -> list[torch.Tensor]:  # EvolQModule._start_visit, which runs in the training precision
+    def visit() -> list[torch.Tensor]:  # SuffixEvaluator.start_block, which runs in the training precision
         with autocast(precision, device):
             return [qmodel.forward_to(i, x) for x in batches]
 
@@ -314,7 +314,7 @@ def bench_block(i: int, qmodel: nn.Module, fp: nn.Module, layers: tuple, batches
     def run_generation(ops: str) -> None:
         s = state[ops]
 
-        def evaluate(candidate: torch.Tensor) -> float:  # EvolQModule.training_step's evaluate
+        def evaluate(candidate: torch.Tensor) -> float:  # SuffixEvaluator.evaluate
             start = time.perf_counter()
             scales.set(candidate)
             value = score(ops)

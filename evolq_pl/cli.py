@@ -17,7 +17,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from evolq_pl.callbacks import QuantMapFile, TestResultsFile
 from evolq_pl.checkpoint_io import AtomicCheckpointIO
+from evolq_pl.console import quiet_lightning
 from evolq_pl.data import CalibrationDataModule
 from evolq_pl.module import EvolQModule
 from evolq_pl.strategy import search_strategy_for
@@ -67,14 +69,18 @@ def newest_last_checkpoint(folders: list[Path]) -> Path | None:
 
 
 class EvolQCLI(LightningCLI):
-    """LightningCLI with the search's defaults: no optimizer, a checkpoint after every generation.
+    """LightningCLI with the search's defaults: one epoch per block visit, a checkpoint after every generation.
 
     Also: checkpoints are written atomically, ``--trainer.strategy ddp`` runs without the gradient wrapper,
-    ``fit --ckpt_path last`` continues the newest run's folder, and data and checkpoint are checked before anything
-    is written to disk.
+    ``fit --ckpt_path last`` continues the newest run's folder, data and checkpoint are checked before anything
+    is written to disk, and every run folder gets ``quant_map.txt`` and, after a test, ``test_results.json``.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
+        # an epoch is one block visit: as many training steps (generations) as the model's num_cycles (linked once the
+        # model exists, so that a bad num_cycles is reported by the model, not as a data module error)
+        parser.link_arguments("model.engine", "data.init_args.generations_per_epoch", apply_on="instantiate",
+                              compute_fn=lambda engine: engine.config.num_cycles)
         parser.set_defaults({
             "trainer.inference_mode": False,
             "trainer.num_sanity_val_steps": 0,
@@ -143,6 +149,14 @@ class EvolQCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        if isinstance(self.model, EvolQModule) and config.get("max_epochs") is None:
+            kwargs.setdefault("max_epochs", self.model.engine.num_visits)  # one epoch per block visit
+        if getattr(self.datamodule, "heldout_size", None) == 0 and config.get("limit_val_batches") is None:
+            kwargs.setdefault("limit_val_batches", 0)  # no held-out split: no validation loop to build
+        callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        kwargs["callbacks"] = callbacks + [cb() for cb in (QuantMapFile, TestResultsFile)
+                                           if not any(isinstance(c, cb) for c in callbacks)]
         kwargs["strategy"] = search_strategy_for(kwargs.get("strategy", config.get("strategy", "auto")))
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
@@ -185,15 +199,17 @@ def cli_main(args: Sequence[str] | None = None) -> EvolQCLI:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(args)
-    return EvolQCLI(
-        EvolQModule,
-        CalibrationDataModule,
-        trainer_class=EvolQTrainer,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    with quiet_lightning():
+        return EvolQCLI(
+            EvolQModule,
+            CalibrationDataModule,
+            trainer_class=EvolQTrainer,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
 
 
 if __name__ == "__main__":

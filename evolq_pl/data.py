@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "DemoDataModule",
     "FashionMNISTDataModule",
     "GenerationTicks",
-    "GenerationTicksLoader",
     "ImageNetDataModule",
     "read_idx",
 ]
@@ -72,12 +71,13 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-class GenerationTicks(IterableDataset):
-    """Yields 0..n-1, one int per evolutionary generation of an epoch.
+class GenerationTicks:
+    """Yields 0..n-1, one int per evolutionary generation of an epoch: the training loop's clock.
 
-    The search reads the calibration data itself, so Lightning's training loop only needs a clock. Being an
-    IterableDataset, Lightning never injects a DistributedSampler: under DDP every rank runs every generation.
-    Every iteration starts at 0, except the first one after :meth:`load_state_dict`, which continues a saved epoch.
+    The search reads the calibration data itself, so Lightning's training loop only needs a clock. It is a plain
+    iterable, not a DataLoader, so Lightning never injects a DistributedSampler (under DDP every rank runs every
+    generation) and knows the epoch's length. Lightning saves and restores its position with the checkpoint: every
+    iteration starts at 0, except the first one after :meth:`load_state_dict`, which continues a saved epoch.
     """
 
     def __init__(self, n: int) -> None:
@@ -110,22 +110,6 @@ class GenerationTicks(IterableDataset):
         self._resume_at = position if position < self.n else 0  # a finished epoch resumes with a fresh one
 
 
-class GenerationTicksLoader(DataLoader):
-    """DataLoader(batch_size=None) over GenerationTicks with its state, which Lightning saves in checkpoints.
-
-    Lightning only stores loader state for loaders that have state_dict/load_state_dict themselves.
-    """
-
-    def __init__(self, dataset: GenerationTicks) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=0)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.dataset.load_state_dict(state)
-
-
 class CalibrationDataModule(LightningDataModule, ABC):
     """Calibration, held-out and test loaders under the clean protocol.
 
@@ -152,7 +136,8 @@ class CalibrationDataModule(LightningDataModule, ABC):
             test_batch_size: batch size of the evaluation loaders (held-out and test).
             num_workers: DataLoader worker processes for the image loaders.
             seed: seed of the permutation that picks calibration and held-out items.
-            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch: the model's
+                num_cycles (cli.py links the two).
         """
         super().__init__()
         for name, value, low in (
@@ -239,9 +224,9 @@ class CalibrationDataModule(LightningDataModule, ABC):
         self._setup_splits()
         return self._loader(self.calib_set, self.batch_size)
 
-    def train_dataloader(self) -> GenerationTicksLoader:
+    def train_dataloader(self) -> GenerationTicks:
         """One tick per generation; the search itself iterates :meth:`calib_dataloader`."""
-        return GenerationTicksLoader(GenerationTicks(self.generations_per_epoch))
+        return GenerationTicks(self.generations_per_epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out train items; an empty list (Lightning then skips validation) when heldout_size is 0."""
@@ -342,7 +327,8 @@ class ImageNetDataModule(CalibrationDataModule):
             test_batch_size: batch size of the evaluation loaders (held-out and test).
             num_workers: DataLoader worker processes.
             seed: seed of the permutation that picks calibration and held-out items.
-            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch: the model's
+                num_cycles (cli.py links the two).
         """
         super().__init__(
             calib_size, heldout_size, batch_size, test_batch_size, num_workers, seed, generations_per_epoch
@@ -582,7 +568,8 @@ class FashionMNISTDataModule(_ArrayDataModule):
             test_batch_size: batch size of the evaluation loaders (held-out and test).
             num_workers: DataLoader worker processes.
             seed: seed of the permutation that picks calibration and held-out items.
-            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch: the model's
+                num_cycles (cli.py links the two).
             image_size: resize the 28 px images to this side (bilinear), for models with larger inputs.
         """
         super().__init__(
@@ -635,7 +622,8 @@ class DemoDataModule(_ArrayDataModule):
             test_batch_size: batch size of the evaluation loaders (held-out and test).
             num_workers: DataLoader worker processes.
             seed: seed of the permutation that picks calibration and held-out items.
-            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch.
+            generations_per_epoch: evolutionary generations (training steps) per Lightning epoch: the model's
+                num_cycles (cli.py links the two).
             image_size: resize the 28 px images to this side (bilinear), for models with larger inputs.
         """
         super().__init__(

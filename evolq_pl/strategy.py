@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
-__all__ = ["SearchDDPStrategy", "search_strategy_for"]
+__all__ = ["SearchDDPStrategy", "check_search_strategy", "search_strategy_for"]
 
 
 class SearchDDPStrategy(DDPStrategy):
@@ -37,3 +37,11 @@ def search_strategy_for(strategy: object) -> object:
     if entry["strategy"] is not DDPStrategy:
         return strategy
     return SearchDDPStrategy(**entry["init_params"])
+
+
+def check_search_strategy(strategy: object) -> None:
+    """Refuse Lightning's DDPStrategy itself, whose gradient wrapper the search cannot run under."""
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, SearchDDPStrategy):
+        raise ValueError("DDPStrategy wraps the model in DistributedDataParallel, which needs gradients the search "
+                         "does not have: pass strategy=evolq_pl.strategy.SearchDDPStrategy() (cli.py maps "
+                         "--trainer.strategy ddp to it)")

@@ -1,12 +1,16 @@
-"""Small models for tests and scripts: a 3-block ViT trained on the shipped demo images, and tiny random ViTs.
+"""Small models for tests and scripts: a 3-block ViT trained on the shipped demo images, tiny random ViTs, and a toy
+evaluator for the search engine.
 
 The test suite and ``scripts/fault_injection.py`` both need a trained, non-degenerate transformer that builds in
 seconds on a CPU; ``train_tiny_vit`` is the one recipe they share. ``unit_gain_vit`` is the untrained tiny ViT/DeiT
-that the model and fast-path tests build.
+that the model and fast-path tests build. ``ToyEvaluator`` lets engine and strategy tests run a whole search in
+milliseconds, with no model at all.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -62,3 +66,44 @@ def unit_gain_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, depth: int
         model.reg_token.normal_(0, 1)
     model.pos_embed.normal_(0, 0.5)
     return model
+
+
+class ToyEvaluator:
+    """A search engine ``Evaluator`` over plain vectors: blocks of scales (all 1 at first) whose fitness is their
+    squared distance to a random target (lower is better). Evaluation ``k`` (1-based) returns nan if ``k`` is in
+    ``poison``; scoring a block the engine has not started fails."""
+
+    def __init__(self, sizes: Sequence[int] = (5, 3, 4), seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.scales = [torch.ones(n) for n in sizes]
+        self.targets = [1 + 0.1 * torch.randn(n, generator=gen) for n in sizes]
+        self.started: list[int] = []
+        self.ended: list[int] = []
+        self.prepared: int | None = None
+        self.calls = 0
+        self.poison: set[int] = set()
+
+    def start_block(self, block: int) -> None:
+        self.started.append(block)
+        self.prepared = block
+
+    def end_block(self, block: int) -> None:
+        self.ended.append(block)
+        self.prepared = None
+
+    def fitness(self) -> float:
+        pairs = zip(self.scales, self.targets, strict=True)
+        return float(sum(((s.double() - t.double()) ** 2).sum() for s, t in pairs))
+
+    def evaluate(self, block: int, scales: torch.Tensor) -> float:
+        if self.prepared != block:
+            raise AssertionError(f"block {block} scored, but the engine started {self.prepared}")
+        self.apply(block, scales)
+        self.calls += 1
+        return math.nan if self.calls in self.poison else self.fitness()
+
+    def apply(self, block: int, scales: torch.Tensor) -> None:
+        self.scales[block] = scales.detach().clone().float()
+
+    def get(self, block: int) -> torch.Tensor:
+        return self.scales[block].clone()

@@ -7,14 +7,13 @@ test numbers from the demo test images, which the search never sees.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from evolq_pl.cli import cli_main
+from evolq_pl.console import quiet_lightning
 
-from cli import cli_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -24,8 +23,9 @@ def evaluate(cli, fp: bool = False) -> tuple[float, float, float]:
     module, trainer, data = cli.model, cli.trainer, cli.datamodule
     module.hparams.eval_fp = fp
     try:
-        held = trainer.validate(module, datamodule=data, verbose=False)[0]
-        test = trainer.test(module, datamodule=data, verbose=False)[0]
+        with quiet_lightning():  # as cli_main runs the fit
+            held = trainer.validate(module, datamodule=data, verbose=False)[0]
+            test = trainer.test(module, datamodule=data, verbose=False)[0]
     finally:
         module.hparams.eval_fp = False
     return test["test/top1"], held["heldout/top1"], held["heldout/infonce"]
@@ -38,7 +38,7 @@ def main() -> None:
     search_s = time.perf_counter() - started
     module = cli.model
     rows = {"FP": evaluate(cli, fp=True)}
-    with module.calibrated_baseline():
+    with module.engine.at_baseline():
         rows["baseline (calibrated)"] = evaluate(cli)
     rows["Evol-Q"] = evaluate(cli)
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"

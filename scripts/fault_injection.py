@@ -40,8 +40,7 @@ class GenerationStamp(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # a resume at a visit's end replays that visit's ticks as no-ops: they are not generations
-        self.real = not (pl_module.visit == trainer.current_epoch
-                         and pl_module.generation_in_visit >= pl_module.search_config.num_cycles)
+        self.real = pl_module.engine.next_visit == trainer.current_epoch
         if self.real:
             print(f"{STAMP} start {trainer.global_step}", flush=True)
 
@@ -123,8 +122,10 @@ def saved_step(save_dir: Path) -> int:
 
 
 def same_search(a: Path, b: Path) -> tuple[bool, str]:
-    """Bitwise comparison of two final checkpoints: quantizer state, population, generator, step."""
+    """Bitwise comparison of two final checkpoints: quantizer state, the whole search state, step."""
     import torch
+
+    from evolq_pl.search.engine import same_state
 
     x, y = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
     if x["global_step"] != y["global_step"]:
@@ -132,13 +133,11 @@ def same_search(a: Path, b: Path) -> tuple[bool, str]:
     for key in x["state_dict"]:
         if not torch.equal(x["state_dict"][key], y["state_dict"][key]):
             return False, f"state_dict[{key}] differs"
-    px, py = x["evolq"]["population"], y["evolq"]["population"]
-    if px["fitness"] != py["fitness"] or px["uids"] != py["uids"] or not all(
-            torch.equal(s, t) for s, t in zip(px["scales"], py["scales"], strict=True)):
-        return False, "population differs"
-    if x["evolq"]["rng"] != y["evolq"]["rng"]:
-        return False, "random generator state differs"
-    return True, f"{len(x['state_dict'])} quantizer tensors, population and generator state equal"
+    differ = [key for key in x["evolq"]["search"] if not same_state(x["evolq"]["search"][key],
+                                                                     y["evolq"]["search"].get(key))]
+    if differ:
+        return False, f"search state differs: {differ}"
+    return True, f"{len(x['state_dict'])} quantizer tensors and the search state (strategy, generator, counters) equal"
 
 
 def main() -> None:
@@ -160,7 +159,6 @@ def main() -> None:
     if weights is None:
         weights = work / "tiny_vit.pth"
         if not weights.is_file():
-            sys.path.insert(0, str(ROOT))
             from evolq_pl.testing import train_tiny_vit
 
             started = time.perf_counter()

@@ -10,13 +10,11 @@ Example: python scripts/make_demo_set.py   (needs `apt-get install dataset-fashi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, DEMO_SET, read_idx  # noqa: E402
+from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, DEMO_SET, read_idx
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evolq_pl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx, resize_images  # noqa: E402
+from evolq_pl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx, resize_images
 
 _BASE = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "num_heads": 3}
 _LEVIT = {"img_size": 96, "in_chans": 1, "num_classes": 10, "embed_dim": (64, 96, 128), "key_dim": 16,

@@ -20,10 +20,10 @@ def test_baseline_fitness_is_scored_in_the_training_precision(tmp_path, tiny_vit
                            num_passes=1, population_size=3, tournament_size=2, num_cycles=1, seed=0)
 
     searched = module()
-    data = DemoDataModule(calib_size=64, heldout_size=0, batch_size=32)
+    data = DemoDataModule(calib_size=64, heldout_size=0, batch_size=32, generations_per_epoch=1)
     Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
-            precision=precision).fit(searched, datamodule=data)
+            precision=precision, max_epochs=searched.engine.num_visits).fit(searched, datamodule=data)
 
     fresh = module()
     calibrate(fresh.qmodel, searched._calib)

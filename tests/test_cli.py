@@ -75,9 +75,11 @@ def test_fit_then_test_through_the_cli(tmp_path, tiny_vit_checkpoint):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in ("search/best_fitness", "search/mean_fitness", "search/accepted", "search/sec_per_generation",
-                "visit/fitness_before", "visit/fitness_after", "visit/rel_scale_change", "heldout/top1"):
+                "search/evaluations", "visit/fitness_before", "visit/fitness_after", "visit/rel_scale_change",
+                "heldout/top1"):
         assert tag in scalars, tag
     assert len(events.Scalars("search/best_fitness")) == 3 * 2  # blocks x generations
+    assert [s.value for s in events.Scalars("search/evaluations")] == [2, 3, 4, 5, 6, 7]  # the baseline, children
 
     cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "test"), "--ckpt_path", str(last)])
     results = json.loads((tmp_path / "evolq" / "test" / "test_results.json").read_text())

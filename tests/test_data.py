@@ -22,7 +22,6 @@ from evolq_pl.data import (
     DemoDataModule,
     FashionMNISTDataModule,
     GenerationTicks,
-    GenerationTicksLoader,
     ImageNetDataModule,
     read_idx,
 )
@@ -117,12 +116,12 @@ def test_ticks_length_values_and_state() -> None:
     ticks = GenerationTicks(4)
     assert len(ticks) == 4 and list(ticks) == [0, 1, 2, 3] and list(ticks) == [0, 1, 2, 3]
     loader = DemoDataModule(generations_per_epoch=4).train_dataloader()
-    assert isinstance(loader, GenerationTicksLoader) and len(loader) == 4
+    assert isinstance(loader, GenerationTicks) and len(loader) == 4
     it = iter(loader)
     assert [next(it), next(it)] == [0, 1]
     state = loader.state_dict()
     assert state == {"position": 2}
-    fresh = GenerationTicksLoader(GenerationTicks(4))
+    fresh = GenerationTicks(4)
     fresh.load_state_dict(state)
     assert list(fresh) == [2, 3] and list(fresh) == [0, 1, 2, 3]  # resumes once, then full epochs
     with pytest.raises(ValueError, match="outside 0..4"):

@@ -60,7 +60,8 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path, tiny_vit_checkpo
     accepted = scalars(one, "search/accepted")
     assert scalars(two, "search/accepted") == accepted and 0 < sum(accepted) < STEPS
     assert scalars(two, "search/best_fitness") == pytest.approx(scalars(one, "search/best_fitness"), rel=1e-6)
-    assert a["evolq"]["population"]["uids"] == b["evolq"]["population"]["uids"]
+    pa, pb = (c["evolq"]["search"]["strategy"]["population"] for c in (a, b))
+    assert pa["uids"] == pb["uids"]
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-6, atol=0, msg=key)
 

@@ -1,4 +1,4 @@
-"""EvolQModule under a real Lightning Trainer, on a tiny random-init ViT and the shipped demo images."""
+"""EvolQModule under a real Lightning Trainer, on the trained tiny ViT and the shipped demo images."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 
 from evolq_pl.data import DemoDataModule
-from evolq_pl.module import EvolQModule
+from evolq_pl.module import EvolQModule, GenerationCounter
+from evolq_pl.quant.fused import fused_enabled, fused_kernels
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 
 CKPT: str = ""
@@ -29,16 +31,17 @@ def make_module(**overrides) -> EvolQModule:
     return EvolQModule(**args)
 
 
-def make_data(**overrides) -> DemoDataModule:
-    args = {"calib_size": 64, "heldout_size": 0, "batch_size": 32, "test_batch_size": 100}
+def make_data(module: EvolQModule, **overrides) -> DemoDataModule:
+    args = {"calib_size": 64, "heldout_size": 0, "batch_size": 32, "test_batch_size": 100,
+            "generations_per_epoch": module.hparams.num_cycles}  # an epoch is one block visit
     args.update(overrides)
     return DemoDataModule(**args)
 
 
-def make_trainer(tmp_path, **overrides) -> Trainer:
+def make_trainer(tmp_path, module: EvolQModule, **overrides) -> Trainer:
     args = {"accelerator": "cpu", "devices": 1, "default_root_dir": tmp_path, "logger": False,
             "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-            "inference_mode": False, "enable_checkpointing": False}
+            "inference_mode": False, "enable_checkpointing": False, "max_epochs": module.engine.num_visits}
     args.update(overrides)
     return Trainer(**args)
 
@@ -51,7 +54,7 @@ class Recorder(Callback):
         self.fitness: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.blocks.append(pl_module.schedule[trainer.current_epoch])
+        self.blocks.append(pl_module.engine.schedule[trainer.current_epoch])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.fitness.append(pl_module.current_fitness)
@@ -67,8 +70,8 @@ def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     module, rec = make_module(), Recorder()
     start = make_module()
-    trainer = make_trainer(tmp, callbacks=[rec])
-    trainer.fit(module, datamodule=make_data())
+    trainer = make_trainer(tmp, module, callbacks=[rec])
+    trainer.fit(module, datamodule=make_data(module))
     calibrate(start.qmodel, module._calib)  # the calibrated baseline the search started from
     return module, rec, trainer, start
 
@@ -83,7 +86,7 @@ def test_schedule_visits_blocks_last_to_first_for_each_pass(searched):
 def test_search_never_increases_calibration_fitness(searched):
     module, rec, _, _ = searched
     assert all(b <= a for a, b in zip(rec.fitness, rec.fitness[1:], strict=False))
-    assert rec.fitness[-1] <= module.visit_start_fitness
+    assert rec.fitness[-1] <= module.engine.state.visit_start_fitness
 
 
 def test_search_changes_only_attention_weight_scales(searched):
@@ -98,11 +101,12 @@ def test_search_changes_only_attention_weight_scales(searched):
 
 def test_suffix_fitness_equals_full_model_fitness(searched):
     module, _, _, _ = searched
-    block = 1
-    module._start_visit(module.schedule.index(block))
-    suffix = module._fitness(block)
+    evaluator, block = module.engine.evaluator, 1
+    evaluator.start_block(block)
+    suffix = evaluator.fitness(block)
+    evaluator.end_block(block)
     with torch.no_grad():
-        full = [module.fitness_fn(module.qmodel(x), t) for x, t in zip(module._calib_shard, module._teacher,
+        full = [module.fitness_fn(module.qmodel(x), t) for x, t in zip(evaluator.batches, evaluator.teachers,
                                                                          strict=True)]
     assert suffix == pytest.approx(float(torch.stack(full).mean()), rel=1e-6)
 
@@ -111,7 +115,7 @@ def test_same_seed_same_scales_different_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         module = make_module(seed=seed, num_passes=1)
-        make_trainer(tmp_path / name).fit(module, datamodule=make_data())
+        make_trainer(tmp_path / name, module).fit(module, datamodule=make_data(module))
         runs[name] = search_scales(module)
     assert all(torch.equal(x, y) for x, y in zip(runs["a"], runs["b"], strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(runs["a"], runs["c"], strict=True))
@@ -119,7 +123,7 @@ def test_same_seed_same_scales_different_seed_differs(tmp_path):
 
 def test_original_teacher_keeps_integer_layernorm(searched):
     module, _, _, _ = searched
-    x = module._calib_shard[0]
+    x = module._calib[0]
     with torch.no_grad(), quantization_disabled(module.qmodel):
         fp = module.qmodel(x)
     with torch.no_grad(), quantization_disabled(module.qmodel, keep_int_norm=True):
@@ -130,14 +134,14 @@ def test_original_teacher_keeps_integer_layernorm(searched):
 def test_checkpoint_holds_quantizer_state_and_restores_the_searched_model(tmp_path):
     module = make_module(num_passes=1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
-    trainer = make_trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True)
-    trainer.fit(module, datamodule=make_data())
+    trainer = make_trainer(tmp_path, module, callbacks=[ckpt], enable_checkpointing=True)
+    trainer.fit(module, datamodule=make_data(module))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert all("quantizer" in k or ".q_" in k or k.startswith("qmodel.q_") for k in saved["state_dict"])
-    assert saved["evolq"]["population"] is not None
+    assert saved["evolq"]["search"]["strategy"]["population"] is not None
     fresh = make_module(num_passes=1)
-    result = make_trainer(tmp_path).test(fresh, datamodule=make_data(), ckpt_path=tmp_path / "last.ckpt")
-    expected = make_trainer(tmp_path).test(module, datamodule=make_data())
+    result = make_trainer(tmp_path, fresh).test(fresh, datamodule=make_data(fresh), ckpt_path=tmp_path / "last.ckpt")
+    expected = make_trainer(tmp_path, module).test(module, datamodule=make_data(module))
     assert result[0]["test/top1"] == pytest.approx(expected[0]["test/top1"])
     for a, b in zip(search_scales(fresh), search_scales(module), strict=True):
         assert torch.equal(a, b)
@@ -146,26 +150,28 @@ def test_checkpoint_holds_quantizer_state_and_restores_the_searched_model(tmp_pa
 def test_checkpoint_of_another_bit_width_is_refused(tmp_path):
     module = make_module(num_passes=1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
-    make_trainer(tmp_path, callbacks=[ckpt], enable_checkpointing=True).fit(module, datamodule=make_data())
+    make_trainer(tmp_path, module, callbacks=[ckpt], enable_checkpointing=True).fit(module,
+                                                                                   datamodule=make_data(module))
     other = make_module(num_passes=1, w_bits=4)
     with pytest.raises(ValueError, match="another run"):
-        make_trainer(tmp_path).test(other, datamodule=make_data(), ckpt_path=tmp_path / "last.ckpt")
+        make_trainer(tmp_path, other).test(other, datamodule=make_data(other), ckpt_path=tmp_path / "last.ckpt")
 
 
 def test_fitness_options_all_run(tmp_path):
     for fitness in ("mse", "kl", "cosine"):
         module = make_module(num_passes=1, fitness=fitness)
-        make_trainer(tmp_path / fitness).fit(module, datamodule=make_data(calib_size=32))
+        make_trainer(tmp_path / fitness, module).fit(module, datamodule=make_data(module, calib_size=32))
         assert math.isfinite(module.current_fitness)
 
 
 def test_heldout_selection_restores_best_snapshot(tmp_path):
     module = make_module(num_passes=2, selection="heldout")
-    data = make_data(heldout_size=64)
-    make_trainer(tmp_path, check_val_every_n_epoch=3).fit(module, datamodule=data)
-    assert module.best_snapshot is not None
-    assert all(torch.equal(layer.weight_quantizer.scale, module.best_snapshot[str(i)])
-               for i, layer in enumerate(module._search_layers()))
+    data = make_data(module, heldout_size=64)
+    make_trainer(tmp_path, module, check_val_every_n_epoch=3).fit(module, datamodule=data)
+    state = module.engine.state
+    assert state.best_snapshot is not None and state.best_heldout > 0
+    assert all(torch.equal(scales.get(), best) for scales, best in zip(module.engine.evaluator.scales,
+                                                                        state.best_snapshot, strict=True))
 
 
 def test_bad_search_arguments_fail_with_clear_messages():
@@ -184,18 +190,18 @@ def test_bf16_mixed_precision_search_keeps_quantizer_math_in_float32(tmp_path):
     seen = []
     quantizer = module.qmodel.blocks[-1].attn.q_qkv
     handle = quantizer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    make_trainer(tmp_path, precision="bf16-mixed").fit(module, datamodule=make_data())
+    make_trainer(tmp_path, module, precision="bf16-mixed").fit(module, datamodule=make_data(module))
     handle.remove()
     assert seen and set(seen) == {torch.float32}
     assert math.isfinite(module.current_fitness) and module.current_fitness <= module.baseline_fitness
 
 
 def test_search_lowers_heldout_infonce_against_the_calibrated_baseline(tmp_path):
-    data = make_data(calib_size=128, heldout_size=256)
     module = make_module(num_passes=3, num_cycles=3, population_size=8, tournament_size=5)
-    trainer = make_trainer(tmp_path)
+    data = make_data(module, calib_size=128, heldout_size=256)
+    trainer = make_trainer(tmp_path, module)
     baseline = trainer.validate(module, datamodule=data, verbose=False)[0]["heldout/infonce"]
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, module)
     trainer.fit(module, datamodule=data)
     searched = trainer.validate(module, datamodule=data, verbose=False)[0]["heldout/infonce"]
     assert module.current_fitness < module.baseline_fitness
@@ -205,8 +211,8 @@ def test_search_lowers_heldout_infonce_against_the_calibrated_baseline(tmp_path)
 def test_reported_top1_is_the_fraction_of_correct_images(tmp_path):
     """ImageNet top-1 is micro accuracy (correct images / images), not torchmetrics' default per-class mean."""
     module = make_module(eval_fp=True)
-    data = make_data()
-    result = make_trainer(tmp_path).test(module, datamodule=data, verbose=False)[0]["test/top1"]
+    data = make_data(module)
+    result = make_trainer(tmp_path, module).test(module, datamodule=data, verbose=False)[0]["test/top1"]
     hits = total = 0
     with torch.no_grad():
         for x, y in data.test_dataloader():
@@ -219,7 +225,39 @@ def test_fused_kernels_give_the_same_search(tmp_path):
     runs = {}
     for fused in (False, True):
         module = make_module(num_passes=1, fused=fused)
-        make_trainer(tmp_path / str(fused)).fit(module, datamodule=make_data())
+        make_trainer(tmp_path / str(fused), module).fit(module, datamodule=make_data(module))
         runs[fused] = (search_scales(module), module.current_fitness)
     assert runs[True][1] == runs[False][1]
     assert all(torch.equal(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True))
+
+
+def test_fused_switch_goes_back_to_what_it_was_after_a_run_and_a_failed_run(tmp_path):
+    module = make_module(num_passes=1, num_cycles=1)
+    with fused_kernels(True):
+        make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))  # fused=False inside the fit
+        assert fused_enabled()
+    assert not fused_enabled()
+    module = make_module(num_passes=1, fused=True)
+    with pytest.raises(ValueError, match="max_epochs=7"):  # fails in setup, after the switch was turned on
+        make_trainer(tmp_path, module, max_epochs=7).fit(module, datamodule=make_data(module))
+    assert not fused_enabled()
+
+
+def test_a_loop_that_is_not_one_epoch_per_visit_is_refused_with_the_fix(tmp_path):
+    module = make_module(num_passes=1)
+    with pytest.raises(ValueError, match=r"max_epochs=1000, but the search has 3 block visits .* max_epochs=3"):
+        make_trainer(tmp_path, module, max_epochs=None).fit(module, datamodule=make_data(module))
+    module = make_module(num_passes=1)
+    with pytest.raises(ValueError, match=r"gives 3 steps per epoch: give the data module generations_per_epoch=2"):
+        make_trainer(tmp_path, module).fit(module, datamodule=make_data(module, generations_per_epoch=3))
+
+
+def test_fp16_gradient_scaling_is_refused_and_a_disabled_scaler_runs(tmp_path):
+    """16-mixed steps every optimizer through a GradScaler, which cannot step without a backward pass."""
+    module = make_module(num_passes=1, num_cycles=1)
+    with pytest.raises(ValueError, match="16-mixed precision scales gradients and the search has none"):
+        make_trainer(tmp_path, module, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module,
+                                                                                        datamodule=make_data(module))
+    counter = GenerationCounter(torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert scaler.step(counter, closure=lambda: "closure ran") == "closure ran"

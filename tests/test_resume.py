@@ -36,8 +36,10 @@ def fit(tmp_path, ckpt: str, callbacks=(), ckpt_path=None, model_name: str = "vi
     m = module(ckpt, model_name)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, inference_mode=False, callbacks=[saver, *callbacks])
-    data = DemoDataModule(calib_size=64, heldout_size=0, batch_size=32, image_size=image_size)
+                      default_root_dir=tmp_path, inference_mode=False, callbacks=[saver, *callbacks],
+                      max_epochs=m.engine.num_visits)
+    data = DemoDataModule(calib_size=64, heldout_size=0, batch_size=32, image_size=image_size,
+                          generations_per_epoch=m.hparams.num_cycles)
     trainer.fit(m, datamodule=data, ckpt_path=ckpt_path)
     return m, trainer
 

@@ -60,10 +60,11 @@ def assert_same_search(a: dict, b: dict) -> None:
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    pa, pb = a["evolq"]["population"], b["evolq"]["population"]
+    sa, sb = a["evolq"]["search"], b["evolq"]["search"]
+    pa, pb = sa["strategy"]["population"], sb["strategy"]["population"]
     assert pa["fitness"] == pb["fitness"] and pa["uids"] == pb["uids"]
     assert all(torch.equal(x, y) for x, y in zip(pa["scales"], pb["scales"], strict=True))
-    assert a["evolq"]["rng"] == b["evolq"]["rng"]
+    assert sa["rng"] == sb["rng"] and sa["evaluations"] == sb["evaluations"]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -196,7 +197,7 @@ def test_nonfinite_candidates_are_rejected_and_the_search_goes_on(tmp_path, tiny
     saved = load(run / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 6
     assert cli.model.current_fitness == cli.model.baseline_fitness and math.isfinite(cli.model.current_fitness)
-    assert all(torch.isfinite(s).all() for s in saved["evolq"]["population"]["scales"])
+    assert all(torch.isfinite(s).all() for s in saved["evolq"]["search"]["strategy"]["population"]["scales"])
     assert all(torch.isfinite(v).all() for k, v in saved["state_dict"].items() if v.is_floating_point())
 
 
@@ -241,6 +242,7 @@ def _image_data(root: Path) -> tuple[str, ...]:
 BAD_MODEL = {
     "unknown model": (["--model.model_name", "vit_nonexistent_patch7"], ValueError, "unknown model"),
     "unsupported bits": (["--model.w_bits", "9"], ValueError, "w_bits=9 is not supported"),
+    "unknown strategy": (["--model.strategy", "cma"], ValueError, "unknown search strategy 'cma': choose one of evolq"),
     "zero population": (["--model.population_size", "0"], ValueError, "population_size must be an integer >= 1"),
     "zero cycles": (["--model.num_cycles", "0"], ValueError, "num_cycles must be an integer >= 1"),
     "negative passes": (["--model.num_passes", "-1"], ValueError, "num_passes must be an integer >= 1"),

@@ -149,6 +149,21 @@ def mutate(
     return child.to(device=scales.device, dtype=scales.dtype)
 
 
+def propose(
+    pop: Population, eps: float, tournament_size: int, rng: np.random.Generator, relative: bool = False
+) -> torch.Tensor:
+    """A child's scales: the winner of one tournament, mutated (the rng draws the tournament, then the noise)."""
+    parent = pop.tournament(tournament_size, rng)
+    return mutate(parent.scales, eps, rng, relative=relative)
+
+
+def admit(pop: Population, scales: torch.Tensor, fitness: float) -> tuple[Individual, bool]:
+    """Insert a scored child as the youngest member and drop the worst; returns the child and whether it stayed."""
+    child = Individual(float(fitness), scales, pop.next_uid)
+    dropped = pop.add_and_drop_worst(child)
+    return child, dropped.uid != child.uid
+
+
 def generation(
     pop: Population,
     evaluate: Callable[[torch.Tensor], float],
@@ -157,15 +172,12 @@ def generation(
     rng: np.random.Generator,
     relative: bool = False,
 ) -> tuple[Individual, bool]:
-    """One steady-state generation: tournament parent, mutate, evaluate, insert and drop the worst.
+    """One steady-state generation: propose a child, evaluate it, admit it (insert, drop the worst).
 
     Returns the child and whether it survived the replacement.
     """
-    parent = pop.tournament(tournament_size, rng)
-    child_scales = mutate(parent.scales, eps, rng, relative=relative)
-    child = Individual(float(evaluate(child_scales)), child_scales, pop.next_uid)
-    dropped = pop.add_and_drop_worst(child)
-    return child, dropped.uid != child.uid
+    child_scales = propose(pop, eps, tournament_size, rng, relative)
+    return admit(pop, child_scales, evaluate(child_scales))
 
 
 def evolve(

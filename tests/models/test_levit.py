@@ -265,8 +265,8 @@ def test_paper_models_have_the_reference_number_of_search_blocks(name, num_block
 def test_lightning_module_schedules_every_levit_attention_block():
     module = EvolQModule(model_name=NAME, pretrained=False, model_kwargs=TINY, num_passes=2, w_bits=8)
     assert len(module.blocks) == 11
-    assert module.schedule == list(range(10, -1, -1)) * 2
-    assert module.eps == [1e-4] * 11
+    assert module.engine.schedule == list(range(10, -1, -1)) * 2
+    assert module.engine.eps == [1e-4] * 11
     assert module.test_top1.num_classes == 10
 
 

@@ -1,0 +1,63 @@
+"""Is a checkpoint this run's? Identity, FP weights and quantizer entries always; the search settings for a resume.
+
+A checkpoint of another model, bit width, preset or search is refused with a one-line error before any work is done;
+the calibration data itself is checked later, through the teacher id, once the teacher's logits exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+CKPT_KEY, CKPT_VERSION = "evolq", 2
+# hyperparameters a resumed search must share with its checkpoint (others, e.g. eval_fp, may change)
+RESUME_KEYS = ("population_size", "tournament_size", "num_cycles", "num_passes", "eps", "relative_mutation",
+               "fitness", "temperature", "teacher", "selection", "strategy")
+RESUME_DATA_KEYS = ("calib_size", "heldout_size", "batch_size", "seed", "image_size")
+
+
+def check_run(checkpoint: dict[str, Any], identity: dict[str, Any], weights_id: float, quantizer_keys: set[str],
+              hparams: Mapping[str, Any], resume: bool = False,
+              data_hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's ``evolq`` entry, or a ValueError that says why the checkpoint is not this run's.
+
+    A resumed search must also keep the search and calibration settings, or it silently becomes a search that no
+    uninterrupted run would give.
+    """
+    state = checkpoint.get(CKPT_KEY)
+    if state is None:
+        raise ValueError("not an evolq-pl checkpoint (no search state): give a last.ckpt written by cli.py fit")
+    if state["identity"] != identity:
+        diff = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+        raise ValueError(f"checkpoint belongs to another run: {diff} (checkpoint vs config); "
+                         "use the config the checkpoint was made with")
+    if not math.isclose(state["weights_id"], weights_id, rel_tol=1e-9):
+        raise ValueError("checkpoint was searched on other FP weights: load the same pretrained weights")
+    missing = quantizer_keys - set(checkpoint["state_dict"])
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} quantizer entries (e.g. {sorted(missing)[0]}): "
+                         "it is truncated or from another model")
+    if not resume:
+        return state
+    if state.get("version") != CKPT_VERSION:
+        raise ValueError(f"checkpoint holds a search state of version {state.get('version')} and this evolq-pl "
+                         f"resumes version {CKPT_VERSION}: test the checkpoint, or start the search again")
+    saved, saved_data = checkpoint.get("hyper_parameters", {}), checkpoint.get("datamodule_hyper_parameters") or {}
+    diff = {k: (saved.get(k), hparams[k]) for k in RESUME_KEYS if saved.get(k) != hparams[k]}
+    if data_hparams is not None and saved_data:
+        diff.update({f"data.{k}": (saved_data.get(k), data_hparams.get(k)) for k in RESUME_DATA_KEYS
+                     if saved_data.get(k) != data_hparams.get(k)})
+    if diff:
+        raise ValueError(f"cannot resume: the search settings changed {diff} (checkpoint vs config); "
+                         "resume with the config the checkpoint was made with")
+    return state
+
+
+def teacher_id(teachers: list[torch.Tensor], num_images: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+               device: torch.device) -> str:
+    """A fingerprint of the teacher's logits over all processes, which a resumed search must reproduce."""
+    digest = sum(float(t.double().sum()) for t in teachers)
+    return f"{num_images}:{float(reduce_sum(torch.tensor(digest, device=device))):.6e}"

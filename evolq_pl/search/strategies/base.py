@@ -1,0 +1,86 @@
+"""The interface every search strategy implements, and the registry that finds one by name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from evolq_pl.search.schedule import SearchConfig
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+class Strategy(ABC):
+    """Searches one block's scale vector per visit: ``ask`` for candidates, ``tell`` their fitness (lower is better).
+
+    The engine starts each visit with the block's current scales and their fitness, asks, scores every candidate
+    (a candidate that cannot be scored is told as ``inf``), tells, and writes ``best()`` into the model. All
+    randomness comes from the engine's generator, passed in; everything else a resume needs is in ``state_dict()``.
+    """
+
+    name: ClassVar[str] = ""
+    """The registry name (``strategy: <name>`` in a config); subclasses without one are not selectable."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            known = _REGISTRY.setdefault(cls.name, cls)
+            if known is not cls:
+                raise ValueError(f"two search strategies are named {cls.name!r}: {known.__module__}, {cls.__module__}")
+
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
+        """Begin a visit from ``scales`` (already scored: ``fitness``) with mutation half-width ``eps``."""
+
+    @abstractmethod
+    def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
+        """The candidates of one generation (one or many scale vectors)."""
+
+    @abstractmethod
+    def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
+        """Take the fitness of each asked candidate; returns whether each was kept (``search/accepted``)."""
+
+    @abstractmethod
+    def best(self) -> tuple[torch.Tensor, float]:
+        """The best scales of this visit so far and their fitness: what the model holds between generations."""
+
+    def stats(self) -> dict[str, float]:
+        """Extra per-generation numbers worth logging (as ``search/<key>``)."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the visit exactly (the generator's state is the engine's)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``."""
+
+
+def _discover() -> None:
+    """Import every module of this package, so that each strategy file registers its class."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+
+
+def strategy_names() -> list[str]:
+    """The names a config may give as ``strategy``."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    """The strategy class registered as ``name``."""
+    _discover()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown search strategy {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
