@@ -23,7 +23,7 @@ was there before on exit (``EvolQModule(fused=True)`` holds it open from setup t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -64,21 +64,6 @@ def fused_kernels(enabled: bool = True) -> Iterator[None]:
 
 def fused_enabled() -> bool:
     return _ENABLED.get()
-
-
-_legacy_scopes: list[AbstractContextManager] = []
-
-
-def use_fused(enabled: bool) -> None:
-    """Deprecated: only for today's ``EvolQModule`` (``use_fused(fused)`` in setup, ``use_fused(False)`` in
-    teardown) until it enters ``fused_kernels`` itself; then delete. True opens a ``fused_kernels`` scope that the
-    next call closes, which restores what was there before."""
-    while _legacy_scopes:
-        _legacy_scopes.pop().__exit__(None, None, None)
-    if enabled:
-        scope = fused_kernels(True)
-        scope.__enter__()
-        _legacy_scopes.append(scope)
 
 
 def _check_compile_available() -> None:
