@@ -56,7 +56,7 @@ def search(module: EvolQModule, data: DemoDataModule) -> EvolQModule:
     """One short pass of the search (the export's input is a searched model)."""
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                      num_sanity_val_steps=0, limit_val_batches=0)
+                      num_sanity_val_steps=0, limit_val_batches=0, max_epochs=module.engine.num_visits)
     trainer.fit(module, datamodule=data)
     assert module.current_fitness <= module.baseline_fitness
     return module
@@ -69,7 +69,8 @@ def search_args(**kwargs) -> dict:
 
 @pytest.fixture(scope="module")
 def searched_vit(tiny_vit_checkpoint) -> tuple[EvolQModule, DemoDataModule]:
-    data = DemoDataModule(calib_size=200, heldout_size=0, batch_size=100, test_batch_size=500)
+    data = DemoDataModule(calib_size=200, heldout_size=0, batch_size=100, test_batch_size=500,
+                          generations_per_epoch=search_args()["num_cycles"])
     module = EvolQModule(model_name=TINY_VIT_NAME, checkpoint_path=tiny_vit_checkpoint, **search_args(w_bits=3))
     return search(module, data), data
 
@@ -78,7 +79,8 @@ def searched_vit(tiny_vit_checkpoint) -> tuple[EvolQModule, DemoDataModule]:
 def searched_levit(tmp_path_factory) -> tuple[EvolQModule, DemoDataModule]:
     path = tmp_path_factory.mktemp("levit") / "tiny_levit.pth"
     torch.save({"state_dict": tiny_levit().state_dict(), "meta": {"model_kwargs": LEVIT_KWARGS}}, path)
-    data = DemoDataModule(calib_size=100, heldout_size=0, batch_size=50, test_batch_size=250, image_size=96)
+    data = DemoDataModule(calib_size=100, heldout_size=0, batch_size=50, test_batch_size=250, image_size=96,
+                          generations_per_epoch=search_args()["num_cycles"])
     module = EvolQModule(model_name="levit_128s", checkpoint_path=str(path),
                          **search_args(w_bits=4, quant_overrides={"weight_signed": True}))
     return search(module, data), data
