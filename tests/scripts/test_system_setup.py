@@ -124,14 +124,14 @@ def test_make_test_stops_before_the_tests_and_make_demo_needs_no_dataset(machine
     """The Makefile runs the step first: a missing package stops `make test` before ruff and pytest."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
-    for name in ("Makefile", "requirements.txt", "scripts/system_setup.sh"):
+    for name in ("Makefile", "requirements.txt", "pyproject.toml", "scripts/system_setup.sh"):
         shutil.copy2(ROOT / name, repo / name)
     calls = tmp_path / "calls.log"
     venv_bin = repo / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     for tool in ("python", "ruff"):
         _exe(venv_bin / tool, f'echo "{tool} $*" >> "{calls}"\n')
-    (repo / ".venv" / ".installed").touch()  # newer than requirements.txt: no pip install
+    (repo / ".venv" / ".installed").touch()  # newer than requirements.txt and pyproject.toml: no pip install
 
     stopped = machine(cmd=["make", "-s", "test"], cwd=repo)
     assert stopped.returncode != 0
