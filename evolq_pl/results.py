@@ -8,7 +8,7 @@ counts only if it measured the same thing:
 
 - FP: written with ``eval_fp``, for the same model (name, ``model_kwargs``, fingerprint of the FP weights), the same
   test images (data module class, every data option except those that only pick or batch calibration and held-out
-  images, the number of images tested) and the same precision;
+  images or set up the loaders, the number of images tested) and the same precision;
 - baseline: the quantized model with no checkpoint and no search run in the process, with all of the above, the same
   quantization config and the same calibration set (``calib_size``, ``batch_size``, ``seed`` of the data module).
 
@@ -82,7 +82,8 @@ def _same_test(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         return False
 
     def test_options(r: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r["data"]["hparams"].items() if k not in CALIBRATION_OPTIONS + LOADER_OPTIONS}
+        return {k: v for k, v in r["data"]["hparams"].items()
+                if k not in CALIBRATION_OPTIONS + LOADER_OPTIONS and not k.startswith("_")}  # _: LightningCLI's notes
 
     return (all(a.get(k) == b.get(k) for k in ("model", "model_kwargs", "test_images", "precision"))
             and math.isclose(a["weights_id"], b["weights_id"], rel_tol=1e-9)
@@ -146,6 +147,8 @@ def results_table(log_dir: Path) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) if i in (3, 4, 5) else cell.ljust(width)
                        for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip() for row in cells]
+    if record.get("scales") == "searched":
+        lines.append(f"searched: the scales of {record['ckpt'] or 'the search run in this process'}")
     options = {"fp": "--model.eval_fp true", "baseline": "no --ckpt_path"}
     lines += [f"no {LABELS[s]} result to compare beside this run: a test with the same config and {options[s]} "
               "adds one" for s in missing]

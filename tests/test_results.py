@@ -41,6 +41,8 @@ def test_fp_and_baseline_match_only_the_same_model_test_images_and_calibration()
     # batch sizes of the test loop, workers and the held-out split change neither
     assert comparable(searched, record("baseline", 79.0, test_batch_size=500, num_workers=4, heldout_size=0),
                       "baseline")
+    cli_written = record("fp", 85.0, _instantiator="lightning.pytorch.cli.instantiate_module")
+    assert comparable(searched, cli_written, "fp")  # LightningCLI's own notes in the data options do not count
     for change in ({"weights_id": 1234.6}, {"model": "deit_tiny_patch16_224"}, {"test_images": 32},
                    {"precision": "bf16-mixed"}, {"image_size": 96}, {"model_kwargs": {"img_size": 96}}):
         assert not comparable(searched, record("fp", 85.0, **change), "fp"), change
@@ -72,7 +74,8 @@ def test_the_table_shows_the_newest_comparable_fp_and_baseline_of_the_family(tmp
     assert lines[1].split()[:7] == ["searched", "(this", "test)", "vit_tiny_patch16_224", "W3A8", "80.00", "99.00"]
     assert lines[2].split()[:6] == ["calibrated", "baseline", "vit_tiny_patch16_224", "W3A8", "78.50", "99.00"]
     assert lines[2].endswith("version_7") and lines[3].endswith("version_3")
-    assert lines[3].split()[:5] == ["FP", "vit_tiny_patch16_224", "FP", "85.00", "99.00"] and len(lines) == 4
+    assert lines[3].split()[:5] == ["FP", "vit_tiny_patch16_224", "FP", "85.00", "99.00"]
+    assert lines[4:] == [f"searched: the scales of {other / 'version_0/checkpoints/last.ckpt'}"]
 
     (other / "version_7" / RESULTS_FILE).unlink()
     assert results_table(family / "version_1").splitlines()[-1] == (
@@ -99,7 +102,8 @@ def test_cli_test_ends_with_the_table_of_this_test_and_the_family_s_fp_and_basel
     cli_main(["test", *args, "--ckpt_path", ckpt])
     rows = table(capsys)
     assert rows[0][:3] == ["searched", "(this", "test)"] and rows[0][7] == "64"
-    assert [r[:3] for r in rows[1:]] == [["no", "calibrated", "baseline"], ["no", "FP", "result"]]
+    assert rows[1] == ["searched:", "the", "scales", "of", ckpt]
+    assert [r[:3] for r in rows[2:]] == [["no", "calibrated", "baseline"], ["no", "FP", "result"]]
 
     cli_main(["test", *args, "--model.eval_fp", "true"])
     assert [r[0] for r in table(capsys)] == ["FP"]
@@ -107,7 +111,7 @@ def test_cli_test_ends_with_the_table_of_this_test_and_the_family_s_fp_and_basel
     assert [r[:2] for r in table(capsys)] == [["calibrated", "baseline"], ["FP", "vit_tiny_patch16_224"]]
 
     cli = cli_main(["test", *args, "--ckpt_path", ckpt])
-    rows = table(capsys)
+    rows = table(capsys)[:3]
     results = {p.name: json.loads((p / RESULTS_FILE).read_text()) for p in (tmp_path / "evolq").iterdir()}
     assert [r[0] for r in rows] == ["searched", "calibrated", "FP"]
     by_folder = {r[-1].rsplit(os.sep, 1)[-1]: r for r in rows}
@@ -117,7 +121,7 @@ def test_cli_test_ends_with_the_table_of_this_test_and_the_family_s_fp_and_basel
     assert results[Path(cli.trainer.log_dir).name]["scales"] == "searched"
 
     cli_main(["test", *args, "--ckpt_path", ckpt, "--trainer.limit_test_batches", "1"])  # other test images: none
-    assert [r[0] for r in table(capsys)] == ["searched", "no", "no"]
+    assert [r[0] for r in table(capsys)] == ["searched", "searched:", "no", "no"]
 
 
 @pytest.mark.parametrize("scales", ["fp", "baseline"])
@@ -126,3 +130,4 @@ def test_only_a_searched_or_baseline_test_looks_for_comparisons(tmp_path, scales
     write(tmp_path / "runs" / "version_1", record("fp", 85.0))
     lines = results_table(tmp_path / "runs" / "version_0").splitlines()
     assert len(lines) == (2 if scales == "fp" else 3)
+    assert lines[-1].startswith("FP ")
