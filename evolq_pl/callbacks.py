@@ -1,8 +1,9 @@
 """What a search run needs besides the search itself: the fused-kernel scope, logs, held-out selection, run files.
 
 ``EvolQModule`` attaches :class:`FusedKernels`, :class:`SearchLogger` and :class:`HeldoutSelection` itself (where the
-Trainer has none of their kind); they follow the module's own options. cli.py adds :class:`QuantMapFile` and
-:class:`TestResultsFile`, so a run folder holds ``quant_map.txt`` and ``test_results.json``.
+Trainer has none of their kind); they follow the module's own options. cli.py adds :class:`QuantMapFile`,
+:class:`RunReport` and :class:`TestResultsFile`, so a run folder holds ``quant_map.txt``, ``report.png`` and
+``test_results.json``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,26 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from evolq_pl.quant.fused import fused_kernels
+from evolq_pl.report import SearchRecord, save_report, summary
+from evolq_pl.results import RESULTS_FILE, test_record
 from evolq_pl.search.engine import Generation
 
 if TYPE_CHECKING:
     from evolq_pl.module import EvolQModule
 
 HELDOUT_TOP1 = "heldout/top1"
+
+
+def generation_of(outputs: Any) -> Generation | None:
+    """The engine's report in a training step's outputs; None for a tick replayed after a resume (nothing ran)."""
+    report = outputs.get("generation") if isinstance(outputs, Mapping) else None
+    return report if isinstance(report, Generation) else None
 
 
 class FusedKernels(Callback):
@@ -50,9 +61,9 @@ class SearchLogger(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        report = outputs.get("generation") if isinstance(outputs, Mapping) else None
-        if not isinstance(report, Generation):
-            return  # a replayed tick after a resume: no generation ran
+        report = generation_of(outputs)
+        if report is None:
+            return
         finite = [f for f in report.fitnesses if math.isfinite(f)]
         for value in report.fitnesses:
             if not math.isfinite(value):
@@ -95,8 +106,71 @@ class HeldoutSelection(Callback):
             rank_zero_info(f"restored the scales with the best held-out top-1 ({state.best_heldout:.2f})")
 
 
+class CheckpointAfterHeldout(Checkpoint):
+    """Rewrites the last checkpoint after each held-out validation of a fit.
+
+    ModelCheckpoint writes ``last.ckpt`` after every generation, but not after the validation that follows a visit's
+    last generation (that step is saved already), and a resumed run does not repeat that validation: a run stopped
+    there (``max_epochs``, a kill before the next generation) would lose the held-out top-1, ``selection: heldout``'s
+    snapshot and the report's point. Lightning calls a Checkpoint after the other callbacks, so the held-out offer
+    is in the file. Append it after the ModelCheckpoint (``trainer.checkpoint_callback`` stays that one).
+    """
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.last_model_path:
+                trainer.save_checkpoint(callback.last_model_path)
+
+
 def _log_dir(trainer: Trainer) -> Path | None:
     return Path(trainer.log_dir) if trainer.log_dir else None
+
+
+class RunReport(Callback):
+    """Draws ``report.png`` in the run folder when a fit ends (evolq_pl.report): the calibration fitness per
+    generation, the gain of each block visit, the acceptance rate per pass and the held-out top-1 where measured.
+
+    The series are the callback's state, which Lightning writes into every checkpoint (before the checkpoint of the
+    same generation), so a search resumed with ``--ckpt_path last`` still draws from its first generation.
+    """
+
+    FILE = "report.png"
+
+    def __init__(self) -> None:
+        self.record = SearchRecord()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: EvolQModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        report = generation_of(outputs)
+        if report is not None:
+            self.record.add(report, pl_module.engine.config.num_cycles)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and HELDOUT_TOP1 in trainer.callback_metrics:
+            self.record.add_heldout(float(trainer.callback_metrics[HELDOUT_TOP1]))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: EvolQModule) -> None:
+        log_dir = _log_dir(trainer)
+        if log_dir is None or trainer.logger is None or not trainer.is_global_zero:
+            return
+        baseline = pl_module.baseline_fitness
+        if not self.record or baseline is None:
+            rank_zero_info(f"no generation ran, so no {self.FILE}")
+            return
+        hparams, qconfig = pl_module.hparams, pl_module.qconfig
+        line = summary(self.record, baseline, hparams.fitness)
+        title = (f"{hparams.model_name} W{qconfig.w_bits}A{qconfig.a_bits} ({qconfig.preset}), {hparams.strategy} "
+                 f"search, seed {hparams.seed}: {line}")
+        path = save_report(self.record, log_dir / self.FILE, baseline, title, hparams.fitness)
+        rank_zero_info(f"search report: {path} ({line})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.record.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.record.load_state_dict(state_dict)
 
 
 class QuantMapFile(Callback):
@@ -116,18 +190,24 @@ class QuantMapFile(Callback):
 
 
 class TestResultsFile(Callback):
-    """Writes the test top-1/top-5 with what was tested (model, bits, checkpoint, ...) to ``test_results.json``."""
+    """Writes the test top-1/top-5 with what was tested (model, bits, scales, checkpoint, test images, ...) to
+    ``test_results.json`` (evolq_pl.results: what makes two of them comparable)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.images = 0
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.images += len(batch[1]) if isinstance(batch, list | tuple) else len(batch)
 
     def on_test_end(self, trainer: Trainer, pl_module: EvolQModule) -> None:
+        images = int(trainer.strategy.reduce(torch.tensor(self.images, device=pl_module.device), reduce_op="sum"))
         log_dir = _log_dir(trainer)
         if log_dir is None or not trainer.is_global_zero:
             return
-        qconfig, hparams = pl_module.qconfig, pl_module.hparams
-        results = {
-            **pl_module.test_metrics, "model": hparams.model_name, "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
-            "preset": qconfig.preset, "seed": hparams.seed, "evaluated": "fp" if hparams.eval_fp else "quantized",
-            "ckpt": str(trainer.ckpt_path) if trainer.ckpt_path else None, "quant_config": repr(qconfig),
-        }
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "test_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        rank_zero_info(f"test results written to {log_dir / 'test_results.json'}")
+        (log_dir / RESULTS_FILE).write_text(json.dumps(test_record(trainer, pl_module, images), indent=2) + "\n")
+        rank_zero_info(f"test results written to {log_dir / RESULTS_FILE}")

@@ -7,6 +7,7 @@ that exists always wins. Verbs beyond Lightning's (``export``, ...) are methods 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +15,16 @@ from typing import Any
 
 from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from evolq_pl.callbacks import QuantMapFile, TestResultsFile
+from evolq_pl.callbacks import CheckpointAfterHeldout, QuantMapFile, RunReport, TestResultsFile
 from evolq_pl.checkpoint_io import AtomicCheckpointIO
 from evolq_pl.console import quiet_lightning
 from evolq_pl.data import CalibrationDataModule
 from evolq_pl.module import EvolQModule
+from evolq_pl.progress import SearchProgressBar
+from evolq_pl.results import RESULTS_FILE, results_table
 from evolq_pl.strategy import search_strategy_for
 from evolq_pl.trainer import EvolQTrainer
 
@@ -73,7 +76,9 @@ class EvolQCLI(LightningCLI):
 
     Also: checkpoints are written atomically, ``--trainer.strategy ddp`` runs without the gradient wrapper,
     ``fit --ckpt_path last`` continues the newest run's folder, data and checkpoint are checked before anything
-    is written to disk, and every run folder gets ``quant_map.txt`` and, after a test, ``test_results.json``.
+    is written to disk, every run folder gets ``quant_map.txt`` and, after a fit, ``report.png`` or, after a test,
+    ``test_results.json``, ``test`` ends with a table that compares with the FP and baseline tests of the same
+    family (evolq_pl.results), and the progress bar follows the whole search (evolq_pl.progress).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -155,15 +160,22 @@ class EvolQCLI(LightningCLI):
             kwargs.setdefault("limit_val_batches", 0)  # no held-out split: no validation loop to build
         callbacks = kwargs.get("callbacks", config.get("callbacks")) or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        kwargs["callbacks"] = callbacks + [cb() for cb in (QuantMapFile, TestResultsFile)
-                                           if not any(isinstance(c, cb) for c in callbacks)]
+        callbacks += [cb() for cb in (QuantMapFile, RunReport, TestResultsFile)
+                      if not any(isinstance(c, cb) for c in callbacks)]
+        progress_bar = kwargs.get("enable_progress_bar", config.get("enable_progress_bar"))
+        if progress_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(SearchProgressBar())
+        kwargs["callbacks"] = callbacks
         kwargs["strategy"] = search_strategy_for(kwargs.get("strategy", config.get("strategy", "auto")))
         plugins = kwargs.get("plugins", config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, CheckpointAfterHeldout) for c in trainer.callbacks):
+            trainer.callbacks.append(CheckpointAfterHeldout())  # after the ModelCheckpoint: see its docstring
+        return trainer
 
     # -- refuse bad input before the logger, the config file or a checkpoint is written ------------------------
 
@@ -176,6 +188,13 @@ class EvolQCLI(LightningCLI):
     def before_test(self) -> None:
         self._preflight("test")
 
+    def after_test(self) -> None:
+        """End ``test`` with the results table (this test, and the FP and baseline tests of the same family)."""
+        path = Path(self.trainer.log_dir or "") / RESULTS_FILE
+        if (self.trainer.logger is not None and self.trainer.is_global_zero and path.is_file()
+                and "top1" in json.loads(path.read_text())):
+            print("\n" + results_table(path.parent))
+
     def _preflight(self, stage: str) -> None:
         """Read the data splits and the checkpoint now; Lightning would only fail after creating the run folder."""
         if self.datamodule is not None:
@@ -183,7 +202,7 @@ class EvolQCLI(LightningCLI):
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path == "last":
             folders = [Path(cb.dirpath) if cb.dirpath else Path(self.trainer.log_dir or ".") / "checkpoints"
-                       for cb in self.trainer.checkpoint_callbacks]
+                       for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
             ckpt_path = newest_last_checkpoint(folders)
         if ckpt_path is None or not isinstance(self.model, EvolQModule):
             return

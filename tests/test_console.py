@@ -1,4 +1,5 @@
-"""A fit through the CLI prints no warning we did not choose to show, and the silencing is scoped."""
+"""A fit through the CLI prints no warning we did not choose to show, and the silencing is scoped; it leaves
+report.png in its run folder."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def demo_fit_args(tmp_path, heldout: int) -> list[str]:
             "--model.population_size", "3", "--model.tournament_size", "2", "--data.init_args.calib_size", "50",
             "--data.init_args.heldout_size", str(heldout), "--data.init_args.batch_size", "50",
             "--data.init_args.test_batch_size", "50", "--trainer.check_val_every_n_epoch", "4",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+            "--trainer.logger.init_args.save_dir", str(tmp_path)]  # the progress bar on, as a user's fit has it
 
 
 @pytest.mark.parametrize("heldout", [50, 0])
@@ -58,6 +59,8 @@ def test_a_demo_sized_fit_emits_no_warning_we_did_not_choose(tmp_path, monkeypat
     assert not [m for m in records.messages if "Tip:" in m]
     assert any(m.startswith("calibrated levit_128s on 50 images") for m in records.messages)  # the handler sees info
     assert heldout or any(m.startswith("Restored all states") for m in records.messages)
+    assert (tmp_path / "demo" / "version_0" / "report.png").is_file()
+    assert any(m.startswith("search report:") and m.endswith("after 8 generations)") for m in records.messages)
 
 
 def test_quiet_lightning_restores_the_warning_filters_and_the_logger():
