@@ -180,6 +180,10 @@ class EvolQModule(LightningModule):
             raise ValueError("16-mixed precision scales gradients and the search has none, so its GradScaler refuses "
                              "every step: use bf16-mixed, or 16-mixed with a disabled scaler, plugins=[MixedPrecision("
                              "'16-mixed', 'cuda', torch.amp.GradScaler('cuda', enabled=False))]")
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.selection == "heldout" and getattr(dm, "heldout_size", None) == 0:
+            raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module "
+                             "has heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")
         max_epochs, visits = self.trainer.max_epochs, self.engine.num_visits
         if not (max_epochs is not None and 0 < max_epochs <= visits):
             raise ValueError(f"max_epochs={max_epochs}, but the search has {visits} block visits (one per epoch): "
