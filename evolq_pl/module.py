@@ -167,6 +167,7 @@ class EvolQModule(ClassifierEvaluation):
         if stage == "fit":
             check_search_strategy(self.trainer.strategy)
             run_checks.check_search_trainer(self.trainer, self.engine.num_visits)
+            run_checks.check_heldout_selection(self.hparams.selection, getattr(self.trainer, "datamodule", None))
 
     @torch.no_grad()
     def on_fit_start(self) -> None:

@@ -164,14 +164,38 @@ def test_fitness_options_all_run(tmp_path):
         assert math.isfinite(module.current_fitness)
 
 
-def test_heldout_selection_restores_best_snapshot(tmp_path):
-    module = make_module(num_passes=2, selection="heldout")
-    data = make_data(module, heldout_size=64)
-    make_trainer(tmp_path, module, check_val_every_n_epoch=3).fit(module, datamodule=data)
+class HeldoutRecorder(Callback):
+    """The held-out top-1 of each validation during a fit and the scales it was measured on."""
+
+    def __init__(self) -> None:
+        self.top1: list[float] = []
+        self.scales: list[list[torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.top1.append(float(trainer.callback_metrics["heldout/top1"]))
+        self.scales.append(pl_module.engine.snapshot())
+
+
+def test_heldout_selection_keeps_the_best_visit_even_when_it_is_not_the_last(tmp_path):
+    # W2 with eps 3e-3: the held-out top-1 rises after the second visit and falls below it later (CPU, seed 0)
+    module = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
+    rec = HeldoutRecorder()
+    make_trainer(tmp_path, module, callbacks=[rec]).fit(module, datamodule=make_data(module, heldout_size=200))
+    assert len(rec.top1) == module.engine.num_visits  # validated after every visit
+    best = rec.top1.index(max(rec.top1))  # the first of equal scores is kept
+    assert best < len(rec.top1) - 1 and rec.top1[-1] < rec.top1[best], rec.top1  # the case this test is about
     state = module.engine.state
-    assert state.best_snapshot is not None and state.best_heldout > 0
-    assert all(torch.equal(scales.get(), best) for scales, best in zip(module.engine.evaluator.scales,
-                                                                        state.best_snapshot, strict=True))
+    assert state.best_heldout == rec.top1[best]
+    restored = module.engine.snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(restored, rec.scales[best], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(restored, rec.scales[-1], strict=True))
+
+
+def test_heldout_selection_without_heldout_images_is_refused_with_the_fix(tmp_path):
+    module = make_module(num_passes=1, selection="heldout")
+    with pytest.raises(ValueError, match=r"heldout_size=0: give data.heldout_size >= 1 \(e.g. 1000\) or use "
+                                         r"selection: none"):
+        make_trainer(tmp_path, module).fit(module, datamodule=make_data(module, heldout_size=0))
 
 
 def test_bad_search_arguments_fail_with_clear_messages():
