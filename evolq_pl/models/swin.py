@@ -7,9 +7,14 @@ embedding's LN output is quantized per tensor: it is normalized, so its channels
 quantized after the scale and again after the relative position bias, and the shifted windows' mask (0 or -100) is
 added after that quantizer: it is a constant the softmax turns into exact zeros, and quantizing it with the scores
 would stretch their range a hundredfold.
+
+Quirk 20 of the reference: the original's Swin is FQ-ViT's and never applies bias correction. The configured
+``bias_correction`` applies here too; ``QuantConfig(faithful=True)`` leaves it off, as the original.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as TF
@@ -161,6 +166,8 @@ class QuantSwin(QuantizedModel):
         super().__init__()
         self._check_supported(model)
         self.model_name, self.qconfig = model_name, cfg
+        if cfg.faithful:
+            cfg = replace(cfg, bias_correction=False)  # quirk 20
         quantize_input = True if cfg.quantize_input is None else cfg.quantize_input  # as DeiT and LeViT
         self.q_input = act_quantizer(cfg) if quantize_input else None
         self.patch_proj = QConv2d.from_float(model.patch_embed.proj, cfg.weight_type, cfg.weight_observer,

@@ -86,6 +86,14 @@ def test_every_weight_is_quantized_and_shared_with_timm():
     assert qmodel.num_classes == 10
 
 
+def test_faithful_leaves_bias_correction_off_as_the_original_swin():
+    rows = QuantSwin(_timm(), QuantConfig(faithful=True), NAME).quant_map()
+    weights = [r for r in rows if r["kind"] == "weight"]
+    assert len(weights) == 19 and all(r["bias_correction"] == "" for r in weights)
+    assert all(r["bias_correction"] == "yes" for r in QuantSwin(_timm(), QuantConfig(), NAME).quant_map()
+               if r["kind"] == "weight")
+
+
 @torch.no_grad()
 def test_activation_quantizers_see_the_timm_blocks_tensors():
     """In FP mode each block's residual sums and the merging's output are what timm's own modules compute."""
