@@ -7,8 +7,11 @@ import io
 import pytest
 import timm
 import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from evolq_pl.data import DemoDataModule
 from evolq_pl.models import create_quantized_model
 from evolq_pl.models.swin import QuantSwin
 from evolq_pl.module import EvolQModule
@@ -206,3 +209,37 @@ def test_unsupported_variants_are_rejected_with_a_reason(kwargs, reason):
     model = timm.create_model(NAME, pretrained=False, **{**TINY, **kwargs}).eval()
     with pytest.raises(ValueError, match=f"unsupported SwinTransformer variant.*{reason}"):
         QuantSwin(model, QuantConfig(), NAME)
+
+
+def _fit(root, callbacks=(), ckpt_path=None) -> tuple[EvolQModule, Trainer]:
+    """A whole search (4 blocks x 2 generations, one pass) of a tiny random 1-channel Swin on the demo images."""
+    torch.manual_seed(0)  # the same random FP weights in every run
+    module = EvolQModule(model_name=NAME, pretrained=False, model_kwargs={**TINY, "in_chans": 1}, w_bits=3,
+                         num_passes=1, population_size=4, tournament_size=3, num_cycles=2, eps=3e-3, seed=3)
+    saver = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=root, inference_mode=False, callbacks=[saver, *callbacks],
+                      max_epochs=module.engine.num_visits)
+    data = DemoDataModule(calib_size=32, heldout_size=0, batch_size=16, image_size=32,
+                          generations_per_epoch=module.hparams.num_cycles)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+class _Crash(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 5:
+            raise RuntimeError("simulated pre-emption")
+
+
+def test_lightning_fit_searches_every_block_and_a_resumed_fit_ends_bitwise_equal(tmp_path):
+    ref, trainer = _fit(tmp_path / "ref")
+    assert trainer.global_step == 4 * 2
+    scales = [layer.weight_quantizer.scale.clone() for b in ref.blocks for layer in b.layers]
+    with pytest.raises(RuntimeError, match="pre-emption"):
+        _fit(tmp_path / "cut", callbacks=[_Crash()])
+    resumed, trainer = _fit(tmp_path / "cut", ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    assert trainer.global_step == 4 * 2
+    after = [layer.weight_quantizer.scale for b in resumed.blocks for layer in b.layers]
+    assert all(torch.equal(a, b) for a, b in zip(after, scales, strict=True))
+    assert resumed.current_fitness == ref.current_fitness
