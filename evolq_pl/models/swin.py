@@ -81,6 +81,7 @@ class QSwinBlock(nn.Module):
         super().__init__()
         dim = block.dim
         self.window_size, self.shift_size = block.window_size, block.shift_size
+        self.input_resolution = tuple(block.input_resolution)  # (H, W) the mask was built for
         self.norm1 = QIntLayerNorm.from_float(block.norm1, cfg.int_norm)
         self.q_ln1 = act_quantizer(cfg, reuse_input=True)
         self.attn = QWindowAttention(block.attn, block.attn_mask, cfg)
@@ -133,8 +134,9 @@ class _TiledScale:
 class QPatchMerging(nn.Module):
     """2x2 neighbour concat -> integer LN -> A -> reduction Linear -> PTF (the next stage's residual stream)."""
 
-    def __init__(self, merge: PatchMerging, cfg: QuantConfig) -> None:
+    def __init__(self, merge: PatchMerging, input_resolution: tuple[int, int], cfg: QuantConfig) -> None:
         super().__init__()
+        self.input_resolution = tuple(input_resolution)
         self.norm = QIntLayerNorm.from_float(merge.norm, cfg.int_norm)
         self.q_norm = act_quantizer(cfg, reuse_input=True)
         self.reduction = qlinear(merge.reduction, cfg)
@@ -152,7 +154,8 @@ class QPatchMerging(nn.Module):
 class QSwinStage(nn.Module):
     def __init__(self, stage: nn.Module, cfg: QuantConfig) -> None:
         super().__init__()
-        self.downsample = QPatchMerging(stage.downsample, cfg) if isinstance(stage.downsample, PatchMerging) else None
+        merges = isinstance(stage.downsample, PatchMerging)
+        self.downsample = QPatchMerging(stage.downsample, stage.input_resolution, cfg) if merges else None
         self.blocks = nn.ModuleList(QSwinBlock(b, cfg) for b in stage.blocks)
 
 

@@ -27,7 +27,7 @@ TINY = {"img_size": 32, "patch_size": 2, "embed_dim": 24, "depths": (2, 2), "num
 
 
 @torch.no_grad()
-def _timm(seed: int = 0, **kwargs) -> nn.Module:
+def tiny_swin(seed: int = 0, **kwargs) -> nn.Module:
     """A tiny random Swin whose attention, position biases and LayerNorm affines all matter (timm's std-0.02 init
     makes attention uniform and the biases negligible)."""
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def _images(seed: int, n: int = 4, size: int = 32) -> torch.Tensor:
 
 
 def _calibrated(seed: int = 0, **cfg) -> tuple[nn.Module, QuantSwin]:
-    model = _timm(seed)
+    model = tiny_swin(seed)
     qmodel = QuantSwin(model, QuantConfig(**cfg), NAME).eval()
     calibrate(qmodel, [_images(10, 8), _images(11, 8)])
     return model, qmodel
@@ -65,7 +65,7 @@ def calibrated_w8() -> tuple[nn.Module, QuantSwin]:
 @torch.no_grad()
 def test_quantization_off_reproduces_timm_logits(kwargs):
     """Also at 20 px: a 10x10 grid padded to windows of 4, then 5x5 (padded, shifted) merged with padding to 3x3."""
-    model = _timm(**kwargs)
+    model = tiny_swin(**kwargs)
     assert any(b.attn_mask is not None for s in model.layers for b in s.blocks)  # shifted windows are tested
     qmodel = QuantSwin(model, QuantConfig(), NAME).eval()
     x = _images(0, size=model.patch_embed.img_size[0])
@@ -75,7 +75,7 @@ def test_quantization_off_reproduces_timm_logits(kwargs):
 
 
 def test_every_weight_is_quantized_and_shared_with_timm():
-    model = _timm()
+    model = tiny_swin()
     qmodel = QuantSwin(model, QuantConfig(), NAME)
     layers = [m for m in qmodel.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     assert all(isinstance(m, QLinear | QConv2d) for m in layers)
@@ -90,17 +90,17 @@ def test_every_weight_is_quantized_and_shared_with_timm():
 
 
 def test_faithful_leaves_bias_correction_off_as_the_original_swin():
-    rows = QuantSwin(_timm(), QuantConfig(faithful=True), NAME).quant_map()
+    rows = QuantSwin(tiny_swin(), QuantConfig(faithful=True), NAME).quant_map()
     weights = [r for r in rows if r["kind"] == "weight"]
     assert len(weights) == 19 and all(r["bias_correction"] == "" for r in weights)
-    assert all(r["bias_correction"] == "yes" for r in QuantSwin(_timm(), QuantConfig(), NAME).quant_map()
+    assert all(r["bias_correction"] == "yes" for r in QuantSwin(tiny_swin(), QuantConfig(), NAME).quant_map()
                if r["kind"] == "weight")
 
 
 @torch.no_grad()
 def test_activation_quantizers_see_the_timm_blocks_tensors():
     """In FP mode each block's residual sums and the merging's output are what timm's own modules compute."""
-    model = _timm()
+    model = tiny_swin()
     qmodel = QuantSwin(model, QuantConfig(), NAME).eval()
     seen = {}
     for name, m in qmodel.named_modules():
@@ -175,7 +175,7 @@ def test_calibrated_state_dict_loads_into_a_fresh_model_with_identical_logits(ca
     buffer = io.BytesIO()
     torch.save(qmodel.state_dict(), buffer)
     buffer.seek(0)
-    fresh = QuantSwin(_timm(), QuantConfig(w_bits=8), NAME).eval()
+    fresh = QuantSwin(tiny_swin(), QuantConfig(w_bits=8), NAME).eval()
     with pytest.raises(RuntimeError, match="not calibrated"):
         set_quantized(fresh, True)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
