@@ -19,8 +19,9 @@ from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.layers import QConv2d, QLinear
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 from evolq_pl.quant.quantizer import FakeQuantizer
+from evolq_pl.testing import TINY_RESNET_KWARGS, tiny_cnn
 
-SMALL = {"layers": (1, 1, 1, 1), "channels": (8, 16, 24, 32), "num_classes": 10}
+SMALL = TINY_RESNET_KWARGS
 # name -> (timm name, kwargs, image side, residual blocks)
 MODELS = {
     "basic": ("resnet18", SMALL, 48, 4),
@@ -29,20 +30,9 @@ MODELS = {
 }
 
 
-@torch.no_grad()
 def _timm(kind: str, seed: int = 0, **kwargs) -> nn.Module:
-    """A tiny random CNN whose BatchNorms all matter: timm leaves BN statistics at (0, 1) and zeroes the gain of each
-    residual branch's last BN, which would make folding untestable and every residual branch add nothing."""
     name, base, _, _ = MODELS[kind]
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **{**base, **kwargs})
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.normal_(1, 0.3)
-            m.bias.normal_(0, 0.3)
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2)
-    return model.eval()
+    return tiny_cnn(name, seed, **{**base, **kwargs})
 
 
 def _images(kind: str, seed: int, n: int = 4, chans: int = 3) -> torch.Tensor:
