@@ -153,6 +153,8 @@ def fp_suffix(fp: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
     """The floor: timm's own blocks from ``index`` on, final norm and head (fused attention, no quantizers)."""
     if isinstance(fp, SwinTransformer):
         return swin_fp_suffix(fp, index, hidden)
+    if not hasattr(fp, "patch_embed"):
+        return fp_cnn_suffix(fp, index, hidden)
     x = hidden
     for block in fp.blocks[index:]:
         x = block(x)
@@ -171,6 +173,28 @@ def swin_fp_suffix(fp: SwinTransformer, index: int, hidden: torch.Tensor) -> tor
                 x = block(x)
             i += 1
     return fp.forward_head(fp.norm(x))
+
+
+def fp_cnn_suffix(fp: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The floor of a CNN (timm ResNet or EfficientNet, BatchNorm unfolded): its residual blocks from ``index`` on
+    (QuantCNN's flat list), the head conv where there is one, pooling and classifier."""
+    if hasattr(fp, "layer1"):
+        blocks = [b for layer in (fp.layer1, fp.layer2, fp.layer3, fp.layer4) for b in layer]
+        tail = nn.Identity()
+    else:
+        blocks = [b for stage in fp.blocks for b in stage]
+        tail = nn.Sequential(fp.conv_head, fp.bn2)
+    x = hidden
+    for block in blocks[index:]:
+        x = block(x)
+    return fp.forward_head(tail(x))
+
+
+def input_shape(fp: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the model's images: the ViT's patch embedding, else timm's pretrained config (CNNs)."""
+    if hasattr(fp, "patch_embed"):
+        return (fp.patch_embed.proj.in_channels, *fp.patch_embed.img_size)
+    return tuple(fp.pretrained_cfg["input_size"])
 
 
 class Timer:
@@ -245,7 +269,7 @@ def bench_model(name: str, n_images: int, args: argparse.Namespace, device: torc
     cfg = QuantConfig.from_preset("e2e", w_bits=args.w_bits, a_bits=args.a_bits)
     qmodel = quantize_model(fp, cfg, timm_name).to(device).eval().requires_grad_(False)
     depth = len(qmodel.blocks)
-    chans, (height, width) = fp.patch_embed.proj.in_channels, fp.patch_embed.img_size
+    chans, height, width = input_shape(fp)
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.randn(n_images, chans, height, width, generator=gen)
     batches = [b.to(device) for b in images.split(args.batch_size)]

@@ -107,3 +107,23 @@ class ToyEvaluator:
 
     def get(self, block: int) -> torch.Tensor:
         return self.scales[block].clone()
+
+
+TINY_RESNET_KWARGS = {"layers": (1, 1, 1, 1), "channels": (8, 16, 24, 32), "num_classes": 10}
+
+
+@torch.no_grad()
+def tiny_cnn(name: str = "resnet18", seed: int = 0, **kwargs) -> nn.Module:
+    """A tiny random timm CNN (ResNet: one block per stage, widths 8-32; or any MobileNetV2 name) whose BatchNorms
+    all matter: timm leaves BN statistics at (0, 1) and zeroes the gain of each residual branch's last BN, which
+    would make BN folding untestable and every residual branch add nothing."""
+    torch.manual_seed(seed)
+    base = TINY_RESNET_KWARGS if name.startswith("resnet") else {"num_classes": 10}
+    model = timm.create_model(name, pretrained=False, **{**base, **kwargs})
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.normal_(1, 0.3)
+            m.bias.normal_(0, 0.3)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2)
+    return model.eval()

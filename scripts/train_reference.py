@@ -35,6 +35,9 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
     "vit12s": ("vit_tiny_patch16_224", {**_BASE, "depth": 12, "patch_size": 7, "embed_dim": 64, "num_heads": 2}, 28),
     "levit": ("levit_128s", _LEVIT, 96),
     "swin": ("swin_tiny_patch4_window7_224", _SWIN, 32),
+    # ResNet-18's BasicBlock at one block per stage, widths 32-256, on the 28 px images (stem to 7x7, then 7/4/2/1)
+    "resnet": ("resnet18", {"in_chans": 1, "num_classes": 10, "layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256)},
+               28),
 }
 
 

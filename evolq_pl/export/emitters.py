@@ -357,7 +357,7 @@ class Emitter:
     # -- parameter-free modules ----------------------------------------------------------------------------------
 
     def activation(self, x: str, act: nn.Module) -> str:
-        """GELU, Hardswish, ReLU, SiLU or Identity; any other activation is refused by name."""
+        """GELU, Hardswish, ReLU, ReLU6, SiLU or Identity; any other activation is refused by name."""
         name = self.name_of(act)
         g = self.g
         if isinstance(act, nn.Identity | nn.Dropout):
@@ -369,10 +369,12 @@ class Emitter:
             return g.op("Div", [g.op("Mul", [x, clipped], name), g.const(6.0)], name)
         if isinstance(act, nn.ReLU):
             return g.op("Relu", [x], name)
+        if isinstance(act, nn.ReLU6):  # MobileNetV2
+            return g.op("Clip", [x, g.const(0.0), g.const(6.0)], name)
         if isinstance(act, nn.SiLU):
             return g.op("Mul", [x, g.op("Sigmoid", [x], name)], name)
         raise ExportError(f"{name}: activation {type(act).__name__} cannot be exported (supported: GELU, "
-                          "Hardswish, ReLU, SiLU, Identity); add it to evolq_pl.export.emitters.Emitter.activation")
+                          "Hardswish, ReLU, ReLU6, SiLU, Identity); add it to evolq_pl.export.emitters.Emitter.activation")
 
     def passthrough(self, x: str, module: nn.Module) -> str:
         """Modules that are identities in eval (Identity, Dropout) or a LayerScale; anything else is refused."""

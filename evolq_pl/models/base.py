@@ -8,17 +8,17 @@ import torch
 from torch import nn
 
 from evolq_pl.quant.config import QuantConfig
-from evolq_pl.quant.layers import QLinear
+from evolq_pl.quant.layers import QConv2d, QLinear
 from evolq_pl.quant.modes import quantizers
 from evolq_pl.quant.quantizer import FakeQuantizer
 
 
 @dataclass(frozen=True)
 class SearchBlock:
-    """One unit of the search: a name and the QLinear layers whose weight scales it perturbs."""
+    """One unit of the search: a name and the weight-quantized layers (QLinear, QConv2d) whose scales it perturbs."""
 
     name: str
-    layers: tuple[QLinear, ...]
+    layers: tuple[QLinear | QConv2d, ...]
 
     @property
     def bits(self) -> int:

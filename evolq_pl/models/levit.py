@@ -30,6 +30,7 @@ from timm.models.levit import (
 from torch import nn
 
 from evolq_pl.models.base import QuantizedModel, SearchBlock
+from evolq_pl.models.folding import as_params, bn_affine, fold_conv_bn
 from evolq_pl.models.registry import register_family
 from evolq_pl.models.vit import act_quantizer, ptf_quantizer, qlinear
 from evolq_pl.quant.config import QuantConfig
@@ -39,47 +40,31 @@ from evolq_pl.quant.quantizer import FakeQuantizer
 # -- BatchNorm folding ---------------------------------------------------------------------------------------------
 
 
-def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as y = a·x + b per channel, in float64 so folding adds no visible rounding."""
-    a = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return a, bn.bias.double() - bn.running_mean.double() * a
-
-
-def _params(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-    return nn.Parameter(weight.to(like.dtype)), nn.Parameter(bias.to(like.dtype))
-
-
 @torch.no_grad()
 def fold_linear_norm(layer: LinearNorm) -> nn.Linear:
     """Linear then BN -> one Linear: W' = a·W (per output row), b' = b_bn (+ a·b_lin)."""
-    lin, (a, b) = layer.linear, _bn_affine(layer.bn)
+    lin, (a, b) = layer.linear, bn_affine(layer.bn)
     if lin.bias is not None:
         b = b + a * lin.bias.double()
     out = nn.Linear(lin.in_features, lin.out_features, device="meta")
-    out.weight, out.bias = _params(lin.weight.double() * a[:, None], b, lin.weight)
+    out.weight, out.bias = as_params(lin.weight.double() * a[:, None], b, lin.weight)
     return out
 
 
 @torch.no_grad()
 def fold_conv_norm(layer: ConvNorm) -> nn.Conv2d:
     """Conv then BN -> one Conv2d with bias, same geometry."""
-    conv, (a, b) = layer.linear, _bn_affine(layer.bn)
-    if conv.bias is not None:
-        b = b + a * conv.bias.double()
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, True, conv.padding_mode, device="meta")
-    out.weight, out.bias = _params(conv.weight.double() * a[:, None, None, None], b, conv.weight)
-    return out
+    return fold_conv_bn(layer.linear, layer.bn)
 
 
 @torch.no_grad()
 def fold_norm_linear(layer: NormLinear) -> nn.Linear:
     """BN then Linear (the classifier heads) -> one Linear: W' = W·diag(a), b' = W·b_bn + b_lin."""
-    lin, (a, b) = layer.linear, _bn_affine(layer.bn)
+    lin, (a, b) = layer.linear, bn_affine(layer.bn)
     w = lin.weight.double()
     bias = w @ b + (lin.bias.double() if lin.bias is not None else 0.0)
     out = nn.Linear(lin.in_features, lin.out_features, device="meta")
-    out.weight, out.bias = _params(w * a[None, :], bias, lin.weight)
+    out.weight, out.bias = as_params(w * a[None, :], bias, lin.weight)
     return out
 
 

@@ -69,3 +69,23 @@ def test_swin_suffix_scores_the_probe_like_the_whole_model_and_has_a_floor():
     for row in run["blocks"]:
         assert row["ops"]["fast"]["check"]["same"], row["ops"]["fast"]["check"]
         assert row["floor_s"] > 0
+
+
+@pytest.mark.parametrize(("name", "side"), [("resnet50", 48), ("mobilenetv2_035", 32)])
+@torch.no_grad()
+def test_the_cnn_floor_is_timms_model_from_any_block(name, side):
+    """The floor a CNN candidate is compared with runs timm's own blocks from the same hidden state."""
+    from benchmarks.speed import fp_suffix, input_shape
+    from evolq_pl.models import quantize_model
+    from evolq_pl.quant.config import QuantConfig
+    from evolq_pl.quant.modes import quantization_disabled
+    from evolq_pl.testing import tiny_cnn
+
+    fp = tiny_cnn(name)
+    assert input_shape(fp) == (3, 224, 224)
+    qmodel = quantize_model(fp, QuantConfig(), name).eval()
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    expected = fp(x)
+    with quantization_disabled(qmodel):
+        for i in range(len(qmodel.blocks)):
+            assert torch.allclose(fp_suffix(fp, i, qmodel.forward_to(i, x)), expected, atol=1e-4, rtol=1e-4), i
