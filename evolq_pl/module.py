@@ -55,7 +55,10 @@ class EvolQModule(ClassifierEvaluation):
         a_bits: activation bits (2..8; the paper uses 8).
         preset: quantization recipe, ``e2e`` (the reference's run script) or ``fq_vit``.
         quant_overrides: any other ``QuantConfig`` field, e.g. ``{softmax: lis, fit_on: all}``.
-        strategy: the search algorithm (evolq_pl.search.strategies): ``evolq``, the paper's steady-state evolution.
+        strategy: the search algorithm (evolq_pl.search.strategies): ``evolq``, the paper's steady-state evolution
+            (the default); ``cmaes`` (CMA-ES from the cma package); ``multifidelity`` (many mutations screened on a
+            few calibration batches, the best re-scored on all).
+        strategy_options: the chosen strategy's own settings (its ``options``), e.g. ``{popsize: 5, sigma: 0.03}``.
         population_size: individuals per block visit (all start as the current scales).
         tournament_size: individuals drawn with replacement to pick a parent.
         num_cycles: generations (one child each) per block visit.
@@ -85,6 +88,7 @@ class EvolQModule(ClassifierEvaluation):
         preset: Literal["e2e", "fq_vit"] = "e2e",
         quant_overrides: dict[str, Any] | None = None,
         strategy: str = "evolq",
+        strategy_options: dict[str, Any] | None = None,
         population_size: int = 15,
         tournament_size: int = 10,
         num_cycles: int = 3,
@@ -108,7 +112,8 @@ class EvolQModule(ClassifierEvaluation):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: choose {' or '.join(choices)}")
         self.qconfig = QuantConfig.from_preset(preset, w_bits=w_bits, a_bits=a_bits, **(quant_overrides or {}))
-        search = SearchConfig(population_size, tournament_size, num_cycles, num_passes, eps, relative_mutation)
+        search = SearchConfig(population_size, tournament_size, num_cycles, num_passes, eps, relative_mutation,
+                              dict(strategy_options or {}))
         self.fitness_fn = get_fitness(fitness, temperature)
         self.qmodel = create_quantized_model(model_name, self.qconfig, pretrained, checkpoint_path, model_kwargs)
         self.qmodel.requires_grad_(False)

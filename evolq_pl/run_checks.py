@@ -15,7 +15,7 @@ import torch
 CKPT_KEY, CKPT_VERSION = "evolq", 2
 # hyperparameters a resumed search must share with its checkpoint (others, e.g. eval_fp, may change)
 RESUME_KEYS = ("population_size", "tournament_size", "num_cycles", "num_passes", "eps", "relative_mutation",
-               "fitness", "temperature", "teacher", "selection", "strategy")
+               "fitness", "temperature", "teacher", "selection", "strategy", "strategy_options")
 RESUME_DATA_KEYS = ("calib_size", "heldout_size", "batch_size", "seed", "image_size")
 
 
