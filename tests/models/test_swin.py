@@ -199,7 +199,7 @@ def test_lightning_module_schedules_every_swin_block():
     module = EvolQModule(model_name=NAME, pretrained=False, model_kwargs=TINY, num_passes=2, w_bits=8)
     assert len(module.blocks) == 4
     assert module.engine.schedule == [3, 2, 1, 0] * 2
-    assert module.test_top1.num_classes == 10
+    assert module.test_accuracy["top1"].num_classes == 10
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [({"strict_img_size": False}, "fixed image size"),
