@@ -13,12 +13,14 @@ import time
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.classification import MulticlassAccuracy
 
+from evolq_pl import run_checks
 from evolq_pl.callbacks import FusedKernels, HeldoutSelection, SearchLogger
-from evolq_pl.fitness import get_fitness, infonce
+from evolq_pl.data import calibration_batches
+from evolq_pl.evaluation import ClassifierEvaluation
+from evolq_pl.fitness import get_fitness
 from evolq_pl.models import create_quantized_model
 from evolq_pl.models.registry import weights_fingerprint
 from evolq_pl.quant.config import QuantConfig
@@ -41,7 +43,7 @@ class GenerationCounter(torch.optim.Optimizer):
         return closure() if closure is not None else None
 
 
-class EvolQModule(LightningModule):
+class EvolQModule(ClassifierEvaluation):
     """Evol-Q post-training quantization of a timm vision transformer.
 
     Args:
@@ -113,11 +115,7 @@ class EvolQModule(LightningModule):
         self.blocks = self.qmodel.search_blocks(include_mlp=search_mlp)
         self.engine = SearchEngine(len(self.blocks), [search.resolve_eps(b.bits) for b in self.blocks], search,
                                    strategy, seed)
-        num_classes = self.qmodel.num_classes
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_metrics: dict[str, float] = {}
+        self.init_metrics(self.qmodel.num_classes)
         self.strict_loading = False  # checkpoints hold quantizer state only; on_load_checkpoint checks them
         self._weights_id = weights_fingerprint(self.qmodel)
         self._calib: list[torch.Tensor] = []
@@ -149,16 +147,10 @@ class EvolQModule(LightningModule):
 
     def _calibration(self) -> list[torch.Tensor]:
         if not self._calib:
-            dm = getattr(self.trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "calib_dataloader"):
-                raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its "
-                                   "calibration set")
-            self._calib = [b[0] if isinstance(b, list | tuple) else b for b in dm.calib_dataloader()]
-            if not self._calib:
-                raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
+            self._calib = calibration_batches(getattr(self.trainer, "datamodule", None))
         return self._calib
 
-    def _ensure_calibrated(self) -> None:
+    def ensure_calibrated(self) -> None:
         """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
         if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
             set_quantized(self.qmodel, True)
@@ -172,26 +164,14 @@ class EvolQModule(LightningModule):
     # -- fit: the engine does the search ---------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_search_strategy(self.trainer.strategy)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            raise ValueError("16-mixed precision scales gradients and the search has none, so its GradScaler refuses "
-                             "every step: use bf16-mixed, or 16-mixed with a disabled scaler, plugins=[MixedPrecision("
-                             "'16-mixed', 'cuda', torch.amp.GradScaler('cuda', enabled=False))]")
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.hparams.selection == "heldout" and getattr(dm, "heldout_size", None) == 0:
-            raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module "
-                             "has heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")
-        max_epochs, visits = self.trainer.max_epochs, self.engine.num_visits
-        if not (max_epochs is not None and 0 < max_epochs <= visits):
-            raise ValueError(f"max_epochs={max_epochs}, but the search has {visits} block visits (one per epoch): "
-                             f"give the Trainer max_epochs={visits} or fewer (cli.py sets it)")
+        if stage == "fit":
+            check_search_strategy(self.trainer.strategy)
+            run_checks.check_search_trainer(self.trainer, self.engine.num_visits)
+            run_checks.check_heldout_selection(self.hparams.selection, getattr(self.trainer, "datamodule", None))
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
-        self._ensure_calibrated()
+        self.ensure_calibrated()
         rank, world = self.global_rank, self.trainer.world_size
         shard = [b.to(self.device) for b in self._calibration()[rank::world]]  # this rank's batches, round robin
         with quantization_disabled(self.qmodel, keep_int_norm=self.hparams.teacher == "int_ln"):
@@ -205,11 +185,7 @@ class EvolQModule(LightningModule):
                                                 self.device, None if world == 1 else reduce)
 
     def on_train_start(self) -> None:
-        ticks, cycles = self.trainer.num_training_batches, self.engine.config.num_cycles
-        if ticks != cycles:
-            raise ValueError(f"an epoch is one block visit of num_cycles={cycles} generations, but the training loader "
-                             f"gives {ticks} steps per epoch: give the data module generations_per_epoch={cycles} "
-                             "(cli.py links them)")
+        run_checks.check_generations_per_epoch(self.trainer.num_training_batches, self.engine.config.num_cycles)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
         if self.engine.next_visit > self.current_epoch:
@@ -223,47 +199,6 @@ class EvolQModule(LightningModule):
                 "overflow, and with fused: true try fused: false") from None
         self.optimizers().step()  # one global_step per generation
         return {"generation": report}
-
-    # -- held-out validation (never the test set) and test ---------------------------------------------------------
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.hparams.eval_fp:
-            return self.qmodel(x)
-        with quantization_disabled(self.qmodel):
-            return self.qmodel(x)
-
-    def on_validation_start(self) -> None:
-        self._ensure_calibrated()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        with quantization_disabled(self.qmodel):
-            teacher = self.qmodel(x)
-        logits = self._logits(x)
-        self.val_top1.update(logits, y)
-        self.log("heldout/infonce", infonce(logits, teacher, self.hparams.temperature), on_epoch=True,
-                 sync_dist=True, batch_size=len(x))
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("heldout/top1", float(self.val_top1.compute()) * 100, sync_dist=False)
-        self.val_top1.reset()
-
-    def on_test_start(self) -> None:
-        if not self.hparams.eval_fp:
-            self._ensure_calibrated()
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self._logits(x)
-        self.test_top1.update(logits, y)
-        self.test_top5.update(logits, y)
-
-    def on_test_epoch_end(self) -> None:
-        self.test_metrics = {"top1": float(self.test_top1.compute()) * 100,
-                             "top5": float(self.test_top5.compute()) * 100}
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
-        self.test_top1.reset()
-        self.test_top5.reset()
 
     # -- checkpoints: quantizer buffers + the engine's state, checked on load ------------------------------------------
 
