@@ -148,6 +148,7 @@ class EvolQModule(ClassifierEvaluation):
     def _calibration(self) -> list[torch.Tensor]:
         if not self._calib:
             self._calib = calibration_batches(getattr(self.trainer, "datamodule", None))
+            self.qmodel.check_input(self._calib[0])
         return self._calib
 
     def ensure_calibrated(self) -> None:
