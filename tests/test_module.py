@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
+from evolq_pl.callbacks import CheckpointAfterHeldout
 from evolq_pl.data import DemoDataModule
 from evolq_pl.module import EvolQModule, GenerationCounter
 from evolq_pl.quant.fused import fused_enabled, fused_kernels
@@ -180,7 +181,9 @@ def test_heldout_selection_keeps_the_best_visit_even_when_it_is_not_the_last(tmp
     # W2 with eps 3e-3: the held-out top-1 rises after the second visit and falls below it later (CPU, seed 0)
     module = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
     rec = HeldoutRecorder()
-    make_trainer(tmp_path, module, callbacks=[rec]).fit(module, datamodule=make_data(module, heldout_size=200))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    make_trainer(tmp_path, module, callbacks=[rec, ckpt, CheckpointAfterHeldout()], enable_checkpointing=True).fit(
+        module, datamodule=make_data(module, heldout_size=200))
     assert len(rec.top1) == module.engine.num_visits  # validated after every visit
     best = rec.top1.index(max(rec.top1))  # the first of equal scores is kept
     assert best < len(rec.top1) - 1 and rec.top1[-1] < rec.top1[best], rec.top1  # the case this test is about
@@ -189,6 +192,11 @@ def test_heldout_selection_keeps_the_best_visit_even_when_it_is_not_the_last(tmp
     restored = module.engine.snapshot()
     assert all(torch.equal(a, b) for a, b in zip(restored, rec.scales[best], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(restored, rec.scales[-1], strict=True))
+    # a test of the run's last.ckpt (which holds the last visit's scales) measures the kept ones too
+    fresh = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
+    make_trainer(tmp_path, fresh).test(fresh, datamodule=make_data(fresh), ckpt_path=tmp_path / "last.ckpt")
+    tested = [torch.cat([layer.weight_quantizer.scale.reshape(-1) for layer in b.layers]) for b in fresh.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(tested, rec.scales[best], strict=True))
 
 
 def test_heldout_selection_without_heldout_images_is_refused_with_the_fix(tmp_path):
