@@ -15,6 +15,7 @@ from evolq_pl.data import DemoDataModule
 from evolq_pl.module import EvolQModule, GenerationCounter
 from evolq_pl.quant.fused import fused_enabled, fused_kernels
 from evolq_pl.quant.modes import calibrate, quantization_disabled
+from evolq_pl.search.engine import same_state
 
 CKPT: str = ""
 
@@ -293,3 +294,41 @@ def test_fp16_gradient_scaling_is_refused_and_a_disabled_scaler_runs(tmp_path):
     counter = GenerationCounter(torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert scaler.step(counter, closure=lambda: "closure ran") == "closure ran"
+
+
+class NaNTest(torch.utils.data.Dataset):
+    """A test split of NaN images that counts its reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        return torch.full((1, 28, 28), float("nan")), 0
+
+
+class PoisonedTestSplit(DemoDataModule):
+    """The demo data with its test split replaced by NaN images."""
+
+    def _load_test(self) -> NaNTest:
+        return NaNTest()
+
+
+def test_the_test_split_is_never_read_by_a_fit_with_heldout_selection(tmp_path):
+    runs = {}
+    for name, data_class in (("clean", DemoDataModule), ("poisoned", PoisonedTestSplit)):
+        module = make_module(num_passes=1, selection="heldout", w_bits=2, eps=3e-3)
+        data = data_class(calib_size=64, heldout_size=100, batch_size=32, test_batch_size=100,
+                          generations_per_epoch=module.hparams.num_cycles)
+        make_trainer(tmp_path / name, module).fit(module, datamodule=data)
+        runs[name] = (module, data)
+    (clean, _), (poisoned, data) = runs["clean"], runs["poisoned"]
+    assert data.test_set is None  # not even loaded
+    assert same_state(poisoned.engine.state_dict(), clean.engine.state_dict())  # the search and its selection
+    assert poisoned.engine.state.best_snapshot is not None
+    assert all(torch.equal(a, b) for a, b in zip(search_scales(poisoned), search_scales(clean), strict=True))
+    make_trainer(tmp_path, poisoned).test(poisoned, datamodule=data, verbose=False)
+    assert data.test_set.reads == 100  # the poison was live: the test loop read it
