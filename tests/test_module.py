@@ -332,3 +332,28 @@ def test_the_test_split_is_never_read_by_a_fit_with_heldout_selection(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(search_scales(poisoned), search_scales(clean), strict=True))
     make_trainer(tmp_path, poisoned).test(poisoned, datamodule=data, verbose=False)
     assert data.test_set.reads == 100  # the poison was live: the test loop read it
+
+
+def test_the_original_teacher_is_the_one_the_search_scores_against(tmp_path, searched):
+    fp_module = searched[0]
+    module = make_module(num_passes=1, num_cycles=1, teacher="int_ln")
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    evaluator = module.engine.evaluator
+    with torch.no_grad(), quantization_disabled(module.qmodel, keep_int_norm=True):
+        expected = [module.qmodel(x) for x in evaluator.batches]
+    assert all(torch.equal(t, e) for t, e in zip(evaluator.teachers, expected, strict=True))
+    assert module.teacher_id != fp_module.teacher_id  # same images, another teacher
+    assert module.current_fitness <= module.baseline_fitness
+
+
+def test_search_mlp_searches_the_mlp_scales_too(tmp_path):
+    module = make_module(num_passes=1, search_mlp=True)
+    start = make_module(num_passes=1, search_mlp=True)
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    calibrate(start.qmodel, module._calib)
+    names = {n for n, m in module.qmodel.named_modules() for b in module.blocks if m in b.layers}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"qkv", "proj", "fc1", "fc2"}
+    changed = {n for (n, p), (_, q) in zip(module.qmodel.named_buffers(), start.qmodel.named_buffers(), strict=True)
+               if "observer" not in n and not torch.equal(p, q)}
+    assert any(".fc1." in n or ".fc2." in n for n in changed)  # the search moved MLP scales
+    assert all(n.endswith("weight_quantizer.scale") and n.rsplit(".", 2)[0] in names for n in changed)
