@@ -32,6 +32,7 @@ class ClassifierEvaluation(LightningModule):
         raise NotImplementedError
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        self.qmodel.check_input(x)
         if not self.hparams.eval_fp:
             return self.qmodel(x)
         with quantization_disabled(self.qmodel):

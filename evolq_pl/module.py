@@ -28,6 +28,7 @@ from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, s
 from evolq_pl.run_checks import CKPT_KEY, CKPT_VERSION, check_run, teacher_id
 from evolq_pl.search.engine import NonFiniteBaseline, SearchEngine
 from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.strategy import check_search_strategy
 
@@ -126,6 +127,7 @@ class EvolQModule(ClassifierEvaluation):
         self._calib: list[torch.Tensor] = []
         self.teacher_id: str | None = None
         self._resumed_teacher_id: str | None = None
+        self._selected: list[torch.Tensor] | None = None  # a tested checkpoint's held-out selection, written on start
 
     @property
     def current_fitness(self) -> float | None:
@@ -153,10 +155,15 @@ class EvolQModule(ClassifierEvaluation):
     def _calibration(self) -> list[torch.Tensor]:
         if not self._calib:
             self._calib = calibration_batches(getattr(self.trainer, "datamodule", None))
+            self.qmodel.check_input(self._calib[0])
         return self._calib
 
     def ensure_calibrated(self) -> None:
         """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
+        if self._selected is not None:  # the checkpoint's weights are loaded by now: put the kept scales in
+            for block, scales in zip(self.blocks, self._selected, strict=True):
+                ScaleVector(block.layers).set(scales)
+            self._selected = None
         if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
             set_quantized(self.qmodel, True)
             self.qmodel.train(self.qmodel.training)  # one mode for every submodule, as calibrate() leaves it
@@ -234,3 +241,6 @@ class EvolQModule(ClassifierEvaluation):
         if fitting:
             self.engine.load_state_dict(state["search"])
             self._resumed_teacher_id = state["teacher_id"]
+        elif self.hparams.selection == "heldout":
+            # the file holds the last visit's scales; the fit ended with the best held-out ones (HeldoutSelection)
+            self._selected = state["search"]["best_snapshot"]

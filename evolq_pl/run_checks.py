@@ -76,6 +76,13 @@ def check_search_trainer(trainer: Any, num_visits: int) -> None:
                          f"give the Trainer max_epochs={num_visits} or fewer (cli.py sets it)")
 
 
+def check_heldout_selection(selection: str, datamodule: Any) -> None:
+    """Held-out selection needs held-out images; without them it would silently select nothing."""
+    if selection == "heldout" and getattr(datamodule, "heldout_size", None) == 0:
+        raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module has "
+                         "heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")
+
+
 def check_generations_per_epoch(steps: int, num_cycles: int) -> None:
     """An epoch is one block visit: the training loader must give one step per generation."""
     if steps != num_cycles:

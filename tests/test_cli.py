@@ -111,3 +111,25 @@ def test_fit_then_test_through_the_cli(tmp_path, tiny_vit_checkpoint):
     plain = timm.create_model(TINY_VIT_NAME, pretrained=False, **TINY_VIT_KWARGS).eval()
     plain.load_state_dict(torch.load(tiny_vit_checkpoint, weights_only=True)["state_dict"])
     assert fp["top1"] == pytest.approx(correct_percent(plain, tested.datamodule), abs=0.051)  # one image of 2000
+
+
+def test_test_and_validate_of_the_calibrated_baseline(tmp_path, tiny_vit_checkpoint):
+    """Without a checkpoint, test and validate measure the calibrated model; top-1 is a count of correct images."""
+    tested = cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "base")])
+    results = json.loads((tmp_path / "evolq" / "base" / "test_results.json").read_text())
+    assert results["scales"] == "baseline" and results["ckpt"] is None and results["evaluated"] == "quantized"
+    assert results["top1"] == pytest.approx(correct_percent(tested.model.qmodel, tested.datamodule), abs=1e-4)
+
+    validated = cli_main(["validate", *run_args(tmp_path, tiny_vit_checkpoint, "val")])
+    top1 = float(validated.trainer.callback_metrics["heldout/top1"])
+    model, data = validated.model.qmodel.eval(), validated.datamodule
+    hits = total = 0
+    with torch.no_grad():
+        for x, y in data.val_dataloader():  # the 64 held-out train images, never the test split
+            hits += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == 64 and top1 == pytest.approx(100.0 * hits / total, abs=1e-4)
+    assert data.test_set is None
+    # both calibrated the same 64 images with the same seed: the same model
+    assert all(torch.equal(a, b) for a, b in zip(tested.model.state_dict().values(),
+                                                 validated.model.state_dict().values(), strict=True))
