@@ -15,9 +15,9 @@ from evolq_pl.quant.modes import quantization_disabled
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-@pytest.mark.parametrize("name", ["vit12s_fmnist.pth", "swin_fmnist.pth"])
+@pytest.mark.parametrize("name", ["vit12s_fmnist.pth", "swin_fmnist.pth", "resnet_fmnist.pth"])
 @torch.no_grad()
-def test_shipped_vit_scores_its_recorded_fp_top1_on_the_full_test_set(name):
+def test_shipped_reference_scores_its_recorded_fp_top1_on_the_full_test_set(name):
     ckpt = CHECKPOINTS / name
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]
     assert {"command", "seed", "fp_top1"} <= set(meta)  # how it was made travels with the file
