@@ -74,9 +74,8 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path, tiny_vit_checkpo
 
 @pytest.mark.slow
 def test_a_strategy_with_many_candidates_decides_alike_in_two_processes(tmp_path, tiny_vit_checkpoint):
-    """multifidelity: batched scoring (one all-reduce for all candidates) and screening on each rank's first batch
-    (the same two batches as one process's first two: the loader deals batches round robin) take one process's
-    decisions in two ranks. (It ran for cmaes too, whose draws come from the engine's generator; one run is kept
+    """multifidelity: several candidates per generation, screened on each rank's first batch (the same two batches
+    as one process's first two: the loader deals batches round robin), take one process's decisions in two ranks. (It ran for cmaes too, whose draws come from the engine's generator; one run is kept
     for the suite's time.)"""
     extra = ("--model.strategy", "multifidelity", "--model.strategy_options", "{screen: 4, fraction: 0.5, rescore: 2}")
     cli_main(run_args(tmp_path, tiny_vit_checkpoint, "one", *extra))
