@@ -193,8 +193,11 @@ class EvolQModule(ClassifierEvaluation):
         if self._resumed_teacher_id not in (None, self.teacher_id):
             raise ValueError("checkpoint was searched with another calibration set or teacher "
                              f"({self._resumed_teacher_id} vs {self.teacher_id}): resume with the same data and seed")
+        # Stacking a generation's candidates along the batch measured no faster on a CPU (one thread, DeiT-Tiny:
+        # benchmarks/results/batched_speed_cpu_deit_tiny.json), so a CPU scores them one after another.
         self.engine.evaluator = SuffixEvaluator(self.qmodel, self.blocks, shard, teachers, self.fitness_fn,
-                                                self.device, None if world == 1 else reduce)
+                                                self.device, None if world == 1 else reduce,
+                                                stack=1 if self.device.type == "cpu" else 8)
 
     def on_train_start(self) -> None:
         run_checks.check_generations_per_epoch(self.trainer.num_training_batches, self.engine.config.num_cycles)

@@ -112,6 +112,12 @@ class SuffixEvaluator:
         inputs, teachers = self._inputs[:k], self.teachers[:k]
         layers = self.scales[block].layers
         out: list[float] = []
+        if self.stack == 1:  # one after another, the plain suffix (no stacking, no patched layers)
+            for scales in candidates:
+                self.apply(block, scales)
+                total, _ = suffix_fitness(self.qmodel, block, inputs, teachers, self.fitness_fn, self.device)
+                out += self._means(total, k)
+            return out
         for start in range(0, len(candidates), self.stack):
             group = candidates[start:start + self.stack]
             params = []

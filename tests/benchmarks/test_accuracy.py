@@ -15,6 +15,11 @@ def test_set_pairs_become_module_and_quant_arguments():
         "quant_overrides": {"bias_correction": False, "fit_on": "all"}}
 
 
+def test_strategy_pairs_become_the_strategy_and_its_options():
+    assert module_overrides(["strategy=cmaes", "strategy.popsize=5", "strategy.sigma=0.03"]) == {
+        "strategy": "cmaes", "strategy_options": {"popsize": 5, "sigma": 0.03}}
+
+
 @pytest.mark.parametrize("pair, hint", [("eps", "NAME=VALUE"), ("w_bits=3", "--bits")])
 def test_bad_set_pair_fails_with_a_hint(pair, hint):
     with pytest.raises(SystemExit, match=hint):

@@ -67,6 +67,9 @@ def test_batched_fitness_is_the_one_by_one_fitness_for_every_block(evaluator):
         cands = candidates(evaluator, block, 5)  # two passes of stack=3, the second not full
         one_by_one = [evaluator.evaluate(block, c) for c in cands]
         assert evaluator.evaluate_many(block, cands) == one_by_one, block
+        evaluator.stack = 1  # the plain path a CPU takes
+        assert evaluator.evaluate_many(block, cands) == one_by_one, block
+        evaluator.stack = 3
         assert torch.equal(evaluator.get(block), cands[-1])  # the model holds the last candidate
         evaluator.end_block(block)
 

@@ -52,14 +52,15 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    """Loads only what a pickled ``CMAEvolutionStrategy`` holds (cma's classes, numpy arrays), so a checkpoint
-    cannot name any other callable; gives it a fresh, paused timer and a logger that writes nothing."""
+    """Loads only what a pickled ``CMAEvolutionStrategy`` holds (cma's own classes, numpy arrays and scalars), so a
+    checkpoint cannot name any other callable; gives it a fresh, paused timer and a logger that writes nothing."""
 
-    ALLOWED = ("cma.", "numpy.", "numpy")
+    OTHERS = {("builtins", "range"), ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "scalar"),
+              ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+              ("numpy.linalg", "eigh"), (__name__, "_EngineNormal")}
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module.startswith(self.ALLOWED[:2]) or module == "numpy" or (module, name) == ("builtins", "range")
-                or (module, name) == (__name__, "_EngineNormal")):
+        if module.split(".")[0] == "cma" or (module, name) in self.OTHERS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"a cmaes search state may not name {module}.{name}: the checkpoint is not "
                                      "one evolq-pl wrote")

@@ -1,0 +1,35 @@
+"""The strategy report applies the pre-registered rule: best mean held-out top-1, a margin within the noise is a
+tie won by the first listed candidate, and the test set never decides."""
+
+from benchmarks.strategy_report import baseline_check, groups, pick, table
+
+
+def _row(strategy: str, seed: int, heldout: float, test: float, base: float = 80.0) -> dict:
+    return {"checkpoint": "m.pth", "w_bits": 2, "seed": seed, "strategy": strategy, "settings": "",
+            "passes": 10, "evaluations": 361, "search_s": 1.0, "fitness_before": 1.0,
+            "fp": {"top1": 90.0}, "baseline": {"top1": base}, "evolq": {"top1": test},
+            "heldout": {"evolq": {"top1": heldout}}}
+
+
+def test_the_best_heldout_candidate_is_picked_whatever_its_test_top1():
+    rows = [_row("multifidelity", s, 84.0, 89.0) for s in range(3)] + [_row("cmaes", s, 84.5, 81.0)
+                                                                         for s in range(3)]
+    chosen, how = pick(groups(rows)[("m.pth", 2)], [0, 1, 2], ("multifidelity", "cmaes"), 0.18)
+    assert chosen == "cmaes" and "margin 0.50" in how
+
+
+def test_a_margin_within_the_noise_goes_to_the_first_listed():
+    rows = [_row("multifidelity", s, 84.0, 81.0) for s in range(3)] + [_row("cmaes", s, 84.1, 89.0)
+                                                                         for s in range(3)]
+    chosen, how = pick(groups(rows)[("m.pth", 2)], [0, 1, 2], ("multifidelity", "cmaes"), 0.18)
+    assert chosen == "multifidelity" and "tie, first listed" in how
+    out = table(groups(rows), [0, 1, 2], ("multifidelity", "cmaes"), 0.18)
+    assert "| multifidelity | 361 | 84.00 | 80.00 → 81.00 | +1.00 ± 0.00 | 10% |" in out
+
+
+def test_a_candidate_missing_a_seed_cannot_be_picked_and_differing_baselines_are_flagged():
+    rows = [_row("multifidelity", s, 84.0, 81.0) for s in range(2)] + [_row("cmaes", s, 83.0, 81.0, base=79.0)
+                                                                         for s in range(3)]
+    grouped = groups(rows)
+    assert pick(grouped[("m.pth", 2)], [0, 1, 2], ("multifidelity", "cmaes"), 0.18)[0] == "cmaes"
+    assert len(baseline_check(grouped, [0, 1, 2])) == 2  # seeds 0 and 1 start from different baselines
