@@ -90,9 +90,3 @@ def check_generations_per_epoch(steps: int, num_cycles: int) -> None:
                          f"gives {steps} steps per epoch: give the data module generations_per_epoch={num_cycles} "
                          "(cli.py links them)")
 
-
-def check_heldout_selection(selection: str, datamodule: Any) -> None:
-    """Held-out selection without held-out images would silently select nothing."""
-    if selection == "heldout" and getattr(datamodule, "heldout_size", None) == 0:
-        raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module "
-                         "has heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")
