@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, FashionMNISTDataModule
 from evolq_pl.module import EvolQModule
@@ -65,6 +65,20 @@ def load_reference(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argpars
     return module.to(torch.device(args.device)), data
 
 
+class Snapshots(Callback):
+    """Every block's scales (and the evaluations spent) after every ``every``-th block visit and the last, for the
+    test top-1 against evaluations curve; read after the search, so nothing in it can steer the search."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.taken = every, []
+
+    def on_train_epoch_end(self, trainer: Trainer, module: EvolQModule) -> None:
+        engine = module.engine
+        visit = engine.state.visit + 1
+        if visit % self.every == 0 or visit == engine.num_visits:
+            self.taken.append((visit, engine.state.evaluations, engine.snapshot()))
+
+
 def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
     device = torch.device(args.device)
@@ -82,7 +96,9 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
         baseline_heldout = compare(test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)
 
     started = time.perf_counter()
+    snapshots = Snapshots(max(1, module.engine.num_visits // args.curve)) if args.curve else None
     trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                      callbacks=[snapshots] if snapshots else None,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       inference_mode=False, precision=args.precision, num_sanity_val_steps=0,
                       max_epochs=module.engine.num_visits,  # one epoch per block visit
@@ -91,7 +107,13 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search
     search_s = time.perf_counter() - started
     searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
-    extra = {}
+    extra: dict[str, Any] = {"strategy": module.hparams.strategy, "evaluations": module.engine.state.evaluations}
+    if snapshots:  # test top-1 along the search (reported only: the search and every choice are already made)
+        extra["curve"] = [{"visit": 0, "evaluations": 1, "top1": baseline["top1"]}]
+        for visit, evaluations, snapshot in snapshots.taken:
+            with module.engine.applied(snapshot):
+                top1 = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)["top1"]
+            extra["curve"].append({"visit": visit, "evaluations": evaluations, "top1": top1})
     if heldout:
         extra["heldout"] = {"baseline": baseline_heldout, "evolq": compare(
             test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)}
@@ -126,6 +148,8 @@ def module_overrides(pairs: list[str]) -> dict[str, Any]:
             raise SystemExit(f"--set {pair!r}: write NAME=VALUE, e.g. --set relative_mutation=true")
         if key.startswith("quant."):
             kwargs.setdefault("quant_overrides", {})[key.removeprefix("quant.")] = parse_value(value)
+        elif key.startswith("strategy."):
+            kwargs.setdefault("strategy_options", {})[key.removeprefix("strategy.")] = parse_value(value)
         elif key in ("w_bits", "a_bits", "num_passes", "seed", "checkpoint_path", "model_name"):
             raise SystemExit(f"--set {key}: use the benchmark's own option (--bits, --passes, --seeds, --checkpoints)")
         else:
@@ -216,8 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="EvolQModule arguments (eps=3e-3, relative_mutation=true, search_mlp=true) or "
-                             "quant.NAME=VALUE for the QuantConfig (quant.fit_on=all, quant.bias_correction=false)")
+                        help="EvolQModule arguments (eps=3e-3, relative_mutation=true, search_mlp=true, "
+                             "strategy=cmaes), quant.NAME=VALUE for the QuantConfig (quant.fit_on=all, "
+                             "quant.bias_correction=false) or strategy.NAME=VALUE for the strategy's options "
+                             "(strategy.popsize=5)")
+    parser.add_argument("--curve", type=int, default=0, metavar="N",
+                        help="also record the test top-1 at about N points along the search (after every "
+                             "visits/N-th block visit), for the gap-recovered-against-evaluations plot")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
     parser.add_argument("--report", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ import argparse
 import inspect
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,21 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from evolq_pl.data import FashionMNISTDataModule
+from evolq_pl.export import build_onnx
+from evolq_pl.export.emitters import Emitter
+from evolq_pl.export.graph import Graph, float_input
+from evolq_pl.export.registry import quantized_mode
+from evolq_pl.export.runtime import logits as ort_logits
+from evolq_pl.export.runtime import session
+from evolq_pl.export.writer import MODEL_FILE, export_quantized
+from evolq_pl.models.base import QuantizedModel
+from evolq_pl.module import EvolQModule
+from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
+from evolq_pl.quant.quantizer import FakeQuantizer
+from evolq_pl.trainer import quantized_model_for
 
-from evolq_pl.data import FashionMNISTDataModule  # noqa: E402
-from evolq_pl.export import build_onnx  # noqa: E402
-from evolq_pl.export.emitters import Emitter  # noqa: E402
-from evolq_pl.export.graph import Graph, float_input  # noqa: E402
-from evolq_pl.export.registry import quantized_mode  # noqa: E402
-from evolq_pl.export.runtime import logits as ort_logits  # noqa: E402
-from evolq_pl.export.runtime import session  # noqa: E402
-from evolq_pl.export.writer import MODEL_FILE, export_quantized  # noqa: E402
-from evolq_pl.models.base import QuantizedModel  # noqa: E402
-from evolq_pl.module import EvolQModule  # noqa: E402
-from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax  # noqa: E402
-from evolq_pl.quant.quantizer import FakeQuantizer  # noqa: E402
-from evolq_pl.trainer import quantized_model_for  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_run(ckpt: Path, data_root: str | None) -> tuple[EvolQModule, FashionMNISTDataModule]:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,18 +33,17 @@ import onnxruntime as ort
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from evolq_pl.data import DemoDataModule
+from evolq_pl.export import build_onnx
+from evolq_pl.export.registry import quantized_mode
+from evolq_pl.export.runtime import integer_kernels, optimized_ops, session
+from evolq_pl.models import create_quantized_model, quantize_model
+from evolq_pl.models.base import QuantizedModel
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.modes import calibrate
+from evolq_pl.testing import unit_gain_vit
 
-from evolq_pl.data import DemoDataModule  # noqa: E402
-from evolq_pl.export import build_onnx  # noqa: E402
-from evolq_pl.export.registry import quantized_mode  # noqa: E402
-from evolq_pl.export.runtime import integer_kernels, optimized_ops, session  # noqa: E402
-from evolq_pl.models import create_quantized_model, quantize_model  # noqa: E402
-from evolq_pl.models.base import QuantizedModel  # noqa: E402
-from evolq_pl.quant.config import QuantConfig  # noqa: E402
-from evolq_pl.quant.modes import calibrate  # noqa: E402
-from evolq_pl.testing import unit_gain_vit  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCES = {"vit12s": "checkpoints/vit12s_fmnist.pth", "levit": "checkpoints/levit_fmnist.pth"}
 RANDOM = {"deit_base": "deit_base_patch16_224", "vit_base": "vit_base_patch16_224"}

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from evolq_pl.fitness import FitnessAccumulator, get_fitness
@@ -150,11 +151,27 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def fp_suffix(fp: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
     """The floor: timm's own blocks from ``index`` on, final norm and head (fused attention, no quantizers)."""
+    if isinstance(fp, SwinTransformer):
+        return swin_fp_suffix(fp, index, hidden)
     if not hasattr(fp, "patch_embed"):
         return fp_cnn_suffix(fp, index, hidden)
     x = hidden
     for block in fp.blocks[index:]:
         x = block(x)
+    return fp.forward_head(fp.norm(x))
+
+
+def swin_fp_suffix(fp: SwinTransformer, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The Swin floor: blocks from ``index`` on over all stages, each later stage's patch merging before its first
+    block (``hidden`` is past the merging of block ``index``, as the quantized suffix's input)."""
+    x, i = hidden, 0
+    for stage in fp.layers:
+        for j, block in enumerate(stage.blocks):
+            if i >= index:
+                if j == 0 and i > index:
+                    x = stage.downsample(x)
+                x = block(x)
+            i += 1
     return fp.forward_head(fp.norm(x))
 
 

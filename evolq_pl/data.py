@@ -251,6 +251,16 @@ class CalibrationDataModule(LightningDataModule, ABC):
 # Image folders (ImageNet layout)
 
 
+def calibration_batches(datamodule: Any) -> list[torch.Tensor]:
+    """The calibration images of a ``CalibrationDataModule`` as a list of batches (labels dropped)."""
+    if datamodule is None or not hasattr(datamodule, "calib_dataloader"):
+        raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its calibration set")
+    batches = [b[0] if isinstance(b, list | tuple) else b for b in datamodule.calib_dataloader()]
+    if not batches:
+        raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
+    return batches
+
+
 class _ImageList(Dataset):
     """(path, label) pairs decoded with PIL; a failing file raises an error that names it."""
 

@@ -13,12 +13,14 @@ import time
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.classification import MulticlassAccuracy
 
+from evolq_pl import run_checks
 from evolq_pl.callbacks import FusedKernels, HeldoutSelection, SearchLogger
-from evolq_pl.fitness import get_fitness, infonce
+from evolq_pl.data import calibration_batches
+from evolq_pl.evaluation import ClassifierEvaluation
+from evolq_pl.fitness import get_fitness
 from evolq_pl.models import create_quantized_model
 from evolq_pl.models.registry import weights_fingerprint
 from evolq_pl.quant.config import QuantConfig
@@ -26,6 +28,7 @@ from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, s
 from evolq_pl.run_checks import CKPT_KEY, CKPT_VERSION, check_run, teacher_id
 from evolq_pl.search.engine import NonFiniteBaseline, SearchEngine
 from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.strategy import check_search_strategy
 
@@ -41,7 +44,7 @@ class GenerationCounter(torch.optim.Optimizer):
         return closure() if closure is not None else None
 
 
-class EvolQModule(LightningModule):
+class EvolQModule(ClassifierEvaluation):
     """Evol-Q post-training quantization of a timm vision transformer.
 
     Args:
@@ -53,7 +56,10 @@ class EvolQModule(LightningModule):
         a_bits: activation bits (2..8; the paper uses 8).
         preset: quantization recipe, ``e2e`` (the reference's run script) or ``fq_vit``.
         quant_overrides: any other ``QuantConfig`` field, e.g. ``{softmax: lis, fit_on: all}``.
-        strategy: the search algorithm (evolq_pl.search.strategies): ``evolq``, the paper's steady-state evolution.
+        strategy: the search algorithm (evolq_pl.search.strategies): ``evolq``, the paper's steady-state evolution
+            (the default); ``cmaes`` (CMA-ES from the cma package); ``multifidelity`` (many mutations screened on a
+            few calibration batches, the best re-scored on all).
+        strategy_options: the chosen strategy's own settings (its ``options``), e.g. ``{popsize: 5, sigma: 0.03}``.
         population_size: individuals per block visit (all start as the current scales).
         tournament_size: individuals drawn with replacement to pick a parent.
         num_cycles: generations (one child each) per block visit.
@@ -83,6 +89,7 @@ class EvolQModule(LightningModule):
         preset: Literal["e2e", "fq_vit"] = "e2e",
         quant_overrides: dict[str, Any] | None = None,
         strategy: str = "evolq",
+        strategy_options: dict[str, Any] | None = None,
         population_size: int = 15,
         tournament_size: int = 10,
         num_cycles: int = 3,
@@ -106,23 +113,21 @@ class EvolQModule(LightningModule):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: choose {' or '.join(choices)}")
         self.qconfig = QuantConfig.from_preset(preset, w_bits=w_bits, a_bits=a_bits, **(quant_overrides or {}))
-        search = SearchConfig(population_size, tournament_size, num_cycles, num_passes, eps, relative_mutation)
+        search = SearchConfig(population_size, tournament_size, num_cycles, num_passes, eps, relative_mutation,
+                              dict(strategy_options or {}))
         self.fitness_fn = get_fitness(fitness, temperature)
         self.qmodel = create_quantized_model(model_name, self.qconfig, pretrained, checkpoint_path, model_kwargs)
         self.qmodel.requires_grad_(False)
         self.blocks = self.qmodel.search_blocks(include_mlp=search_mlp)
         self.engine = SearchEngine(len(self.blocks), [search.resolve_eps(b.bits) for b in self.blocks], search,
                                    strategy, seed)
-        num_classes = self.qmodel.num_classes
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_metrics: dict[str, float] = {}
+        self.init_metrics(self.qmodel.num_classes)
         self.strict_loading = False  # checkpoints hold quantizer state only; on_load_checkpoint checks them
         self._weights_id = weights_fingerprint(self.qmodel)
         self._calib: list[torch.Tensor] = []
         self.teacher_id: str | None = None
         self._resumed_teacher_id: str | None = None
+        self._selected: list[torch.Tensor] | None = None  # a tested checkpoint's held-out selection, written on start
 
     @property
     def current_fitness(self) -> float | None:
@@ -149,17 +154,16 @@ class EvolQModule(LightningModule):
 
     def _calibration(self) -> list[torch.Tensor]:
         if not self._calib:
-            dm = getattr(self.trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "calib_dataloader"):
-                raise RuntimeError("EvolQModule needs a CalibrationDataModule (data: in the config) for its "
-                                   "calibration set")
-            self._calib = [b[0] if isinstance(b, list | tuple) else b for b in dm.calib_dataloader()]
-            if not self._calib:
-                raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
+            self._calib = calibration_batches(getattr(self.trainer, "datamodule", None))
+            self.qmodel.check_input(self._calib[0])
         return self._calib
 
-    def _ensure_calibrated(self) -> None:
+    def ensure_calibrated(self) -> None:
         """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
+        if self._selected is not None:  # the checkpoint's weights are loaded by now: put the kept scales in
+            for block, scales in zip(self.blocks, self._selected, strict=True):
+                ScaleVector(block.layers).set(scales)
+            self._selected = None
         if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
             set_quantized(self.qmodel, True)
             self.qmodel.train(self.qmodel.training)  # one mode for every submodule, as calibrate() leaves it
@@ -172,22 +176,14 @@ class EvolQModule(LightningModule):
     # -- fit: the engine does the search ---------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_search_strategy(self.trainer.strategy)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            raise ValueError("16-mixed precision scales gradients and the search has none, so its GradScaler refuses "
-                             "every step: use bf16-mixed, or 16-mixed with a disabled scaler, plugins=[MixedPrecision("
-                             "'16-mixed', 'cuda', torch.amp.GradScaler('cuda', enabled=False))]")
-        max_epochs, visits = self.trainer.max_epochs, self.engine.num_visits
-        if not (max_epochs is not None and 0 < max_epochs <= visits):
-            raise ValueError(f"max_epochs={max_epochs}, but the search has {visits} block visits (one per epoch): "
-                             f"give the Trainer max_epochs={visits} or fewer (cli.py sets it)")
+        if stage == "fit":
+            check_search_strategy(self.trainer.strategy)
+            run_checks.check_search_trainer(self.trainer, self.engine.num_visits)
+            run_checks.check_heldout_selection(self.hparams.selection, getattr(self.trainer, "datamodule", None))
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
-        self._ensure_calibrated()
+        self.ensure_calibrated()
         rank, world = self.global_rank, self.trainer.world_size
         shard = [b.to(self.device) for b in self._calibration()[rank::world]]  # this rank's batches, round robin
         with quantization_disabled(self.qmodel, keep_int_norm=self.hparams.teacher == "int_ln"):
@@ -201,11 +197,7 @@ class EvolQModule(LightningModule):
                                                 self.device, None if world == 1 else reduce)
 
     def on_train_start(self) -> None:
-        ticks, cycles = self.trainer.num_training_batches, self.engine.config.num_cycles
-        if ticks != cycles:
-            raise ValueError(f"an epoch is one block visit of num_cycles={cycles} generations, but the training loader "
-                             f"gives {ticks} steps per epoch: give the data module generations_per_epoch={cycles} "
-                             "(cli.py links them)")
+        run_checks.check_generations_per_epoch(self.trainer.num_training_batches, self.engine.config.num_cycles)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
         if self.engine.next_visit > self.current_epoch:
@@ -219,47 +211,6 @@ class EvolQModule(LightningModule):
                 "overflow, and with fused: true try fused: false") from None
         self.optimizers().step()  # one global_step per generation
         return {"generation": report}
-
-    # -- held-out validation (never the test set) and test ---------------------------------------------------------
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.hparams.eval_fp:
-            return self.qmodel(x)
-        with quantization_disabled(self.qmodel):
-            return self.qmodel(x)
-
-    def on_validation_start(self) -> None:
-        self._ensure_calibrated()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        with quantization_disabled(self.qmodel):
-            teacher = self.qmodel(x)
-        logits = self._logits(x)
-        self.val_top1.update(logits, y)
-        self.log("heldout/infonce", infonce(logits, teacher, self.hparams.temperature), on_epoch=True,
-                 sync_dist=True, batch_size=len(x))
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("heldout/top1", float(self.val_top1.compute()) * 100, sync_dist=False)
-        self.val_top1.reset()
-
-    def on_test_start(self) -> None:
-        if not self.hparams.eval_fp:
-            self._ensure_calibrated()
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        logits = self._logits(x)
-        self.test_top1.update(logits, y)
-        self.test_top5.update(logits, y)
-
-    def on_test_epoch_end(self) -> None:
-        self.test_metrics = {"top1": float(self.test_top1.compute()) * 100,
-                             "top5": float(self.test_top5.compute()) * 100}
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
-        self.test_top1.reset()
-        self.test_top5.reset()
 
     # -- checkpoints: quantizer buffers + the engine's state, checked on load ------------------------------------------
 
@@ -290,3 +241,6 @@ class EvolQModule(LightningModule):
         if fitting:
             self.engine.load_state_dict(state["search"])
             self._resumed_teacher_id = state["teacher_id"]
+        elif self.hparams.selection == "heldout":
+            # the file holds the last visit's scales; the fit ended with the best held-out ones (HeldoutSelection)
+            self._selected = state["search"]["best_snapshot"]

@@ -15,7 +15,7 @@ import torch
 CKPT_KEY, CKPT_VERSION = "evolq", 2
 # hyperparameters a resumed search must share with its checkpoint (others, e.g. eval_fp, may change)
 RESUME_KEYS = ("population_size", "tournament_size", "num_cycles", "num_passes", "eps", "relative_mutation",
-               "fitness", "temperature", "teacher", "selection", "strategy")
+               "fitness", "temperature", "teacher", "selection", "strategy", "strategy_options")
 RESUME_DATA_KEYS = ("calib_size", "heldout_size", "batch_size", "seed", "image_size")
 
 
@@ -61,3 +61,38 @@ def teacher_id(teachers: list[torch.Tensor], num_images: int, reduce_sum: Callab
     """A fingerprint of the teacher's logits over all processes, which a resumed search must reproduce."""
     digest = sum(float(t.double().sum()) for t in teachers)
     return f"{num_images}:{float(reduce_sum(torch.tensor(digest, device=device))):.6e}"
+
+
+def check_search_trainer(trainer: Any, num_visits: int) -> None:
+    """Refuse a Trainer the search cannot run under: a gradient scaler, or not one epoch per block visit."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        raise ValueError("16-mixed precision scales gradients and the search has none, so its GradScaler refuses "
+                         "every step: use bf16-mixed, or 16-mixed with a disabled scaler, plugins=[MixedPrecision("
+                         "'16-mixed', 'cuda', torch.amp.GradScaler('cuda', enabled=False))]")
+    max_epochs = trainer.max_epochs
+    if not (max_epochs is not None and 0 < max_epochs <= num_visits):
+        raise ValueError(f"max_epochs={max_epochs}, but the search has {num_visits} block visits (one per epoch): "
+                         f"give the Trainer max_epochs={num_visits} or fewer (cli.py sets it)")
+
+
+def check_heldout_selection(selection: str, datamodule: Any) -> None:
+    """Held-out selection needs held-out images; without them it would silently select nothing."""
+    if selection == "heldout" and getattr(datamodule, "heldout_size", None) == 0:
+        raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module has "
+                         "heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")
+
+
+def check_generations_per_epoch(steps: int, num_cycles: int) -> None:
+    """An epoch is one block visit: the training loader must give one step per generation."""
+    if steps != num_cycles:
+        raise ValueError(f"an epoch is one block visit of num_cycles={num_cycles} generations, but the training loader "
+                         f"gives {steps} steps per epoch: give the data module generations_per_epoch={num_cycles} "
+                         "(cli.py links them)")
+
+
+def check_heldout_selection(selection: str, datamodule: Any) -> None:
+    """Held-out selection without held-out images would silently select nothing."""
+    if selection == "heldout" and getattr(datamodule, "heldout_size", None) == 0:
+        raise ValueError("selection: heldout keeps the scales with the best held-out top-1, but the data module "
+                         "has heldout_size=0: give data.heldout_size >= 1 (e.g. 1000) or use selection: none")

@@ -71,7 +71,10 @@ def unit_gain_vit(name: str = "deit_tiny_patch16_224", seed: int = 0, depth: int
 class ToyEvaluator:
     """A search engine ``Evaluator`` over plain vectors: blocks of scales (all 1 at first) whose fitness is their
     squared distance to a random target (lower is better). Evaluation ``k`` (1-based) returns nan if ``k`` is in
-    ``poison``; scoring a block the engine has not started fails."""
+    ``poison``; scoring a block the engine has not started fails. Its "calibration set" is the coordinates in
+    ``batches`` groups (i mod batches): scoring on a share of it sums the first groups only."""
+
+    batches = 4
 
     def __init__(self, sizes: Sequence[int] = (5, 3, 4), seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -91,9 +94,24 @@ class ToyEvaluator:
         self.ended.append(block)
         self.prepared = None
 
-    def fitness(self) -> float:
+    def fitness(self, groups: int | None = None) -> float:
         pairs = zip(self.scales, self.targets, strict=True)
-        return float(sum(((s.double() - t.double()) ** 2).sum() for s, t in pairs))
+        keep = self.batches if groups is None else groups
+        return float(sum((((s.double() - t.double()) ** 2)[torch.arange(len(s)) % self.batches < keep]).sum()
+                         for s, t in pairs))
+
+    def calibration_share(self, fraction: float) -> float:
+        return max(1, round(fraction * self.batches)) / self.batches
+
+    def evaluate_many(self, block: int, candidates: Sequence[torch.Tensor], fraction: float = 1.0) -> list[float]:
+        if fraction == 1.0:
+            return [self.evaluate(block, c) for c in candidates]
+        groups = round(self.calibration_share(fraction) * self.batches)
+        out = []
+        for c in candidates:
+            self.evaluate(block, c)
+            out.append(math.nan if self.calls in self.poison else self.fitness(groups))
+        return out
 
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         if self.prepared != block:

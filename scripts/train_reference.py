@@ -24,6 +24,9 @@ from evolq_pl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, read_idx, resiz
 _BASE = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "num_heads": 3}
 _LEVIT = {"img_size": 96, "in_chans": 1, "num_classes": 10, "embed_dim": (64, 96, 128), "key_dim": 16,
           "num_heads": (2, 3, 4), "depth": (2, 2, 2)}
+# Swin-T's layout shrunk to 32 px: 8x8 patches of 4 px, windows of 4 (so stage 1 shifts with a mask), one patch merging
+_SWIN = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depths": (2, 4),
+         "num_heads": (3, 6), "window_size": 4}
 # preset -> (timm architecture, kwargs, input side in pixels; Fashion-MNIST's 28 px are resized to it)
 PRESETS: dict[str, tuple[str, dict, int]] = {
     "vit6": ("vit_tiny_patch16_224", {**_BASE, "depth": 6}, 28),
@@ -31,6 +34,7 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
     # 12 blocks that train on two CPU cores in about half an hour: 16 patches of 7 px, width 64, 2 heads
     "vit12s": ("vit_tiny_patch16_224", {**_BASE, "depth": 12, "patch_size": 7, "embed_dim": 64, "num_heads": 2}, 28),
     "levit": ("levit_128s", _LEVIT, 96),
+    "swin": ("swin_tiny_patch4_window7_224", _SWIN, 32),
     # ResNet-18's BasicBlock at one block per stage, widths 32-256, on the 28 px images (stem to 7x7, then 7/4/2/1)
     "resnet": ("resnet18", {"in_chans": 1, "num_classes": 10, "layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256)},
                28),

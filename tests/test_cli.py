@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import cli_main
+from evolq_pl.testing import TINY_VIT_KWARGS, TINY_VIT_NAME
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -52,6 +55,17 @@ def test_unknown_config_key_is_refused(capsys):
     assert "population_sise" in capsys.readouterr().err
 
 
+@torch.no_grad()
+def correct_percent(model: torch.nn.Module, data) -> float:
+    """100 x correct / images over the data module's test split, counted by hand."""
+    model.eval()
+    hits = total = 0
+    for x, y in data.test_dataloader():
+        hits += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * hits / total
+
+
 def run_args(tmp_path: Path, ckpt: str, version: str) -> list[str]:
     return [
         "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path", ckpt,
@@ -81,11 +95,41 @@ def test_fit_then_test_through_the_cli(tmp_path, tiny_vit_checkpoint):
     assert len(events.Scalars("search/best_fitness")) == 3 * 2  # blocks x generations
     assert [s.value for s in events.Scalars("search/evaluations")] == [2, 3, 4, 5, 6, 7]  # the baseline, children
 
-    cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "test"), "--ckpt_path", str(last)])
+    tested = cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "test"), "--ckpt_path", str(last)])
     results = json.loads((tmp_path / "evolq" / "test" / "test_results.json").read_text())
     assert results["evaluated"] == "quantized" and results["w_bits"] == 3 and results["ckpt"] == str(last)
     assert 0 <= results["top5"] <= 100 and results["top1"] <= results["top5"]
+    # the reported top-1 is the count of correct test images under the checkpoint's scales
+    saved = torch.load(last, weights_only=False)["state_dict"]
+    held = tested.model.state_dict()
+    assert all(torch.equal(held[k], v) for k, v in saved.items())
+    assert results["top1"] == pytest.approx(correct_percent(tested.model.qmodel, tested.datamodule), abs=1e-4)  # float32 metric
 
     cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "fp"), "--model.eval_fp", "true"])
     fp = json.loads((tmp_path / "evolq" / "fp" / "test_results.json").read_text())
     assert fp["evaluated"] == "fp" and fp["ckpt"] is None
+    plain = timm.create_model(TINY_VIT_NAME, pretrained=False, **TINY_VIT_KWARGS).eval()
+    plain.load_state_dict(torch.load(tiny_vit_checkpoint, weights_only=True)["state_dict"])
+    assert fp["top1"] == pytest.approx(correct_percent(plain, tested.datamodule), abs=0.051)  # one image of 2000
+
+
+def test_test_and_validate_of_the_calibrated_baseline(tmp_path, tiny_vit_checkpoint):
+    """Without a checkpoint, test and validate measure the calibrated model; top-1 is a count of correct images."""
+    tested = cli_main(["test", *run_args(tmp_path, tiny_vit_checkpoint, "base")])
+    results = json.loads((tmp_path / "evolq" / "base" / "test_results.json").read_text())
+    assert results["scales"] == "baseline" and results["ckpt"] is None and results["evaluated"] == "quantized"
+    assert results["top1"] == pytest.approx(correct_percent(tested.model.qmodel, tested.datamodule), abs=1e-4)
+
+    validated = cli_main(["validate", *run_args(tmp_path, tiny_vit_checkpoint, "val")])
+    top1 = float(validated.trainer.callback_metrics["heldout/top1"])
+    model, data = validated.model.qmodel.eval(), validated.datamodule
+    hits = total = 0
+    with torch.no_grad():
+        for x, y in data.val_dataloader():  # the 64 held-out train images, never the test split
+            hits += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == 64 and top1 == pytest.approx(100.0 * hits / total, abs=1e-4)
+    assert data.test_set is None
+    # both calibrated the same 64 images with the same seed: the same model
+    assert all(torch.equal(a, b) for a, b in zip(tested.model.state_dict().values(),
+                                                 validated.model.state_dict().values(), strict=True))

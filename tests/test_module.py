@@ -10,10 +10,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
+from evolq_pl.callbacks import CheckpointAfterHeldout
 from evolq_pl.data import DemoDataModule
 from evolq_pl.module import EvolQModule, GenerationCounter
 from evolq_pl.quant.fused import fused_enabled, fused_kernels
 from evolq_pl.quant.modes import calibrate, quantization_disabled
+from evolq_pl.search.engine import same_state
 
 CKPT: str = ""
 
@@ -164,14 +166,45 @@ def test_fitness_options_all_run(tmp_path):
         assert math.isfinite(module.current_fitness)
 
 
-def test_heldout_selection_restores_best_snapshot(tmp_path):
-    module = make_module(num_passes=2, selection="heldout")
-    data = make_data(module, heldout_size=64)
-    make_trainer(tmp_path, module, check_val_every_n_epoch=3).fit(module, datamodule=data)
+class HeldoutRecorder(Callback):
+    """The held-out top-1 of each validation during a fit and the scales it was measured on."""
+
+    def __init__(self) -> None:
+        self.top1: list[float] = []
+        self.scales: list[list[torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.top1.append(float(trainer.callback_metrics["heldout/top1"]))
+        self.scales.append(pl_module.engine.snapshot())
+
+
+def test_heldout_selection_keeps_the_best_visit_even_when_it_is_not_the_last(tmp_path):
+    # W2 with eps 3e-3: the held-out top-1 rises after the second visit and falls below it later (CPU, seed 0)
+    module = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
+    rec = HeldoutRecorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    make_trainer(tmp_path, module, callbacks=[rec, ckpt, CheckpointAfterHeldout()], enable_checkpointing=True).fit(
+        module, datamodule=make_data(module, heldout_size=200))
+    assert len(rec.top1) == module.engine.num_visits  # validated after every visit
+    best = rec.top1.index(max(rec.top1))  # the first of equal scores is kept
+    assert best < len(rec.top1) - 1 and rec.top1[-1] < rec.top1[best], rec.top1  # the case this test is about
     state = module.engine.state
-    assert state.best_snapshot is not None and state.best_heldout > 0
-    assert all(torch.equal(scales.get(), best) for scales, best in zip(module.engine.evaluator.scales,
-                                                                        state.best_snapshot, strict=True))
+    assert state.best_heldout == rec.top1[best]
+    restored = module.engine.snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(restored, rec.scales[best], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(restored, rec.scales[-1], strict=True))
+    # a test of the run's last.ckpt (which holds the last visit's scales) measures the kept ones too
+    fresh = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
+    make_trainer(tmp_path, fresh).test(fresh, datamodule=make_data(fresh), ckpt_path=tmp_path / "last.ckpt")
+    tested = [torch.cat([layer.weight_quantizer.scale.reshape(-1) for layer in b.layers]) for b in fresh.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(tested, rec.scales[best], strict=True))
+
+
+def test_heldout_selection_without_heldout_images_is_refused_with_the_fix(tmp_path):
+    module = make_module(num_passes=1, selection="heldout")
+    with pytest.raises(ValueError, match=r"heldout_size=0: give data.heldout_size >= 1 \(e.g. 1000\) or use "
+                                         r"selection: none"):
+        make_trainer(tmp_path, module).fit(module, datamodule=make_data(module, heldout_size=0))
 
 
 def test_bad_search_arguments_fail_with_clear_messages():
@@ -261,3 +294,66 @@ def test_fp16_gradient_scaling_is_refused_and_a_disabled_scaler_runs(tmp_path):
     counter = GenerationCounter(torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     assert scaler.step(counter, closure=lambda: "closure ran") == "closure ran"
+
+
+class NaNTest(torch.utils.data.Dataset):
+    """A test split of NaN images that counts its reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        return torch.full((1, 28, 28), float("nan")), 0
+
+
+class PoisonedTestSplit(DemoDataModule):
+    """The demo data with its test split replaced by NaN images."""
+
+    def _load_test(self) -> NaNTest:
+        return NaNTest()
+
+
+def test_the_test_split_is_never_read_by_a_fit_with_heldout_selection(tmp_path):
+    runs = {}
+    for name, data_class in (("clean", DemoDataModule), ("poisoned", PoisonedTestSplit)):
+        module = make_module(num_passes=1, selection="heldout", w_bits=2, eps=3e-3)
+        data = data_class(calib_size=64, heldout_size=100, batch_size=32, test_batch_size=100,
+                          generations_per_epoch=module.hparams.num_cycles)
+        make_trainer(tmp_path / name, module).fit(module, datamodule=data)
+        runs[name] = (module, data)
+    (clean, _), (poisoned, data) = runs["clean"], runs["poisoned"]
+    assert data.test_set is None  # not even loaded
+    assert same_state(poisoned.engine.state_dict(), clean.engine.state_dict())  # the search and its selection
+    assert poisoned.engine.state.best_snapshot is not None
+    assert all(torch.equal(a, b) for a, b in zip(search_scales(poisoned), search_scales(clean), strict=True))
+    make_trainer(tmp_path, poisoned).test(poisoned, datamodule=data, verbose=False)
+    assert data.test_set.reads == 100  # the poison was live: the test loop read it
+
+
+def test_the_original_teacher_is_the_one_the_search_scores_against(tmp_path, searched):
+    fp_module = searched[0]
+    module = make_module(num_passes=1, num_cycles=1, teacher="int_ln")
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    evaluator = module.engine.evaluator
+    with torch.no_grad(), quantization_disabled(module.qmodel, keep_int_norm=True):
+        expected = [module.qmodel(x) for x in evaluator.batches]
+    assert all(torch.equal(t, e) for t, e in zip(evaluator.teachers, expected, strict=True))
+    assert module.teacher_id != fp_module.teacher_id  # same images, another teacher
+    assert module.current_fitness <= module.baseline_fitness
+
+
+def test_search_mlp_searches_the_mlp_scales_too(tmp_path):
+    module = make_module(num_passes=1, search_mlp=True)
+    start = make_module(num_passes=1, search_mlp=True)
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    calibrate(start.qmodel, module._calib)
+    names = {n for n, m in module.qmodel.named_modules() for b in module.blocks if m in b.layers}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"qkv", "proj", "fc1", "fc2"}
+    changed = {n for (n, p), (_, q) in zip(module.qmodel.named_buffers(), start.qmodel.named_buffers(), strict=True)
+               if "observer" not in n and not torch.equal(p, q)}
+    assert any(".fc1." in n or ".fc2." in n for n in changed)  # the search moved MLP scales
+    assert all(n.endswith("weight_quantizer.scale") and n.rsplit(".", 2)[0] in names for n in changed)

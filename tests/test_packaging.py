@@ -35,6 +35,7 @@ def imported_distributions(*folders: str) -> set[str]:
                     modules.add(node.module.split(".")[0])
     providers = packages_distributions()
     ours = {p.stem for p in ROOT.iterdir() if p.is_dir() or p.suffix == ".py"}  # evolq_pl, cli, tests, ...
+    ours |= {p.stem for p in (ROOT / "scripts").glob("*.py")}  # scripts run from their folder import each other
     third_party = {m for m in modules if m not in sys.stdlib_module_names and m not in ours}
     missing = sorted(m for m in third_party if m not in providers)
     assert not missing, f"no installed distribution provides {missing}"

@@ -242,7 +242,7 @@ def _image_data(root: Path) -> tuple[str, ...]:
 BAD_MODEL = {
     "unknown model": (["--model.model_name", "vit_nonexistent_patch7"], ValueError, "unknown model"),
     "unsupported bits": (["--model.w_bits", "9"], ValueError, "w_bits=9 is not supported"),
-    "unknown strategy": (["--model.strategy", "cma"], ValueError, "unknown search strategy 'cma': choose one of evolq"),
+    "unknown strategy": (["--model.strategy", "cma"], ValueError, "unknown search strategy 'cma': choose one of cmaes, evolq"),
     "zero population": (["--model.population_size", "0"], ValueError, "population_size must be an integer >= 1"),
     "zero cycles": (["--model.num_cycles", "0"], ValueError, "num_cycles must be an integer >= 1"),
     "negative passes": (["--model.num_passes", "-1"], ValueError, "num_passes must be an integer >= 1"),

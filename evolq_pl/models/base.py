@@ -35,6 +35,16 @@ class QuantizedModel(nn.Module):
 
     model_name: str
     qconfig: QuantConfig
+    input_size: tuple[int, int, int] | None = None
+    """(channels, height, width) the FP model was built for; None where a family does not say."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse images of another size in one line: a ViT would silently drop the pixels past its patch grid."""
+        if self.input_size is not None and tuple(x.shape[1:]) != self.input_size:
+            given, built = ("x".join(map(str, s)) for s in (tuple(x.shape[1:]), self.input_size))
+            raise ValueError(f"images of {given} (channels x height x width) do not fit {self.model_name}, built for "
+                             f"{built}: give the data module that image size, or build the model for the images "
+                             "(model_kwargs img_size / in_chans)")
 
     @property
     def num_classes(self) -> int:

@@ -263,6 +263,8 @@ class QuantLevit(QuantizedModel):
         self.q_head_dist = act_quantizer(cfg) if distilled else None
         self.q_logits = act_quantizer(cfg)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        side = [r * model.stem.stride for r in model.stages[0].blocks[0].attn.resolution]  # tokens x stem stride
+        self.input_size = (model.stem.conv1.linear.in_channels, *side)
 
     @staticmethod
     def _check_supported(model: Levit) -> None:

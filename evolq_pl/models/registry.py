@@ -29,6 +29,9 @@ PAPER_MODELS = {
     "levit_192": "levit_192.fb_dist_in1k",
     "levit_256": "levit_256.fb_dist_in1k",
     "levit_384": "levit_384.fb_dist_in1k",
+    "swin_tiny": "swin_tiny_patch4_window7_224.ms_in1k",
+    "swin_small": "swin_small_patch4_window7_224.ms_in1k",
+    "swin_base": "swin_base_patch4_window7_224.ms_in1k",
 }
 
 

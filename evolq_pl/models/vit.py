@@ -167,6 +167,7 @@ class QuantViT(QuantizedModel):
         self.head = qlinear(model.head, cfg)
         self.q_logits = act_quantizer(cfg, reuse_input=True)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        self.input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
 
     @staticmethod
     def _check_supported(model: VisionTransformer) -> None:

@@ -32,9 +32,9 @@ class QuantConfig:
     int_norm: bool = True
     softmax: Literal["uniform", "log2", "lis"] = "uniform"
     softmax_bits: int = 8
-    quantize_input: bool | None = None  # None: DeiT yes, ViT no (as the reference); LeViT yes unless faithful
+    quantize_input: bool | None = None  # None: DeiT yes, ViT no (as the reference); LeViT yes unless faithful; Swin yes
     fit_on: Literal["last", "all"] = "last"
-    faithful: bool = False  # LeViT: leave unquantized what the original leaves unquantized (quirk 18)
+    faithful: bool = False  # LeViT: leave unquantized what the original leaves unquantized (quirk 18); Swin: no bias correction, as the original (quirk 20)
 
     def __post_init__(self) -> None:
         for field in ("w_bits", "a_bits", "softmax_bits"):

@@ -52,6 +52,17 @@ class Evaluator(Protocol):
         """A copy of ``block``'s current scales, flattened."""
 
 
+class BatchEvaluator(Evaluator, Protocol):
+    """An evaluator that also scores several candidates together, optionally on a share of the calibration set."""
+
+    def evaluate_many(self, block: int, candidates: Sequence[torch.Tensor], fraction: float = 1.0) -> list[float]:
+        """The fitness of each candidate for ``block`` (as ``evaluate`` would give it), on ``calibration_share
+        (fraction)`` of the calibration set; the model holds one of them afterwards."""
+
+    def calibration_share(self, fraction: float) -> float:
+        """The share of the calibration set that ``evaluate_many(..., fraction)`` actually scores on."""
+
+
 class NonFiniteBaseline(RuntimeError):
     """The model's fitness before the search is not finite, so no candidate could ever be compared with it."""
 
@@ -70,8 +81,9 @@ class SearchState:
     """Index into the schedule of the visit in progress (or the last one finished); -1 before the first."""
     generation: int = 0
     """Generations done in that visit."""
-    evaluations: int = 0
-    """Fitness evaluations so far (candidates and the one baseline): strategies compare at equal counts."""
+    evaluations: float = 0
+    """Fitness evaluations so far (candidates and the one baseline), in full-calibration-set equivalents (one scored
+    on a share f of the calibration set counts f): strategies compare at equal counts."""
     current_fitness: float | None = None
     baseline_fitness: float | None = None
     visit_start_fitness: float | None = None
@@ -133,8 +145,8 @@ class Generation:
     accepted: int
     """Candidates with a finite fitness that the strategy kept."""
     best_fitness: float
-    evaluations: int
-    """Fitness evaluations of the whole search so far."""
+    evaluations: float
+    """Fitness evaluations of the whole search so far (full-calibration-set equivalents)."""
     seconds: float
     """Wall time of the generation (asking, scoring, telling), without preparing a visit."""
     stats: dict[str, float] = field(default_factory=dict)
@@ -194,6 +206,19 @@ class SearchEngine:
         self.state.evaluations += 1
         return float(self._evaluator().evaluate(block, scales))
 
+    def _score_all(self, block: int, candidates: list[torch.Tensor], fraction: float) -> list[float]:
+        """Score one generation's candidates: one by one, or together where the evaluator can (``evaluate_many``)."""
+        evaluator = self._evaluator()
+        many = getattr(evaluator, "evaluate_many", None)
+        if fraction == 1.0 and (len(candidates) == 1 or many is None):
+            return [self._score(block, c) for c in candidates]
+        if many is None:
+            raise RuntimeError(f"the strategy scores candidates on {fraction:.0%} of the calibration set, which "
+                               f"{type(evaluator).__name__} cannot: give it evaluate_many (see BatchEvaluator)")
+        share = evaluator.calibration_share(fraction)
+        self.state.evaluations += len(candidates) if share == 1.0 else share * len(candidates)
+        return [float(f) for f in many(block, candidates, fraction)]
+
     def _begin_visit(self, visit: int) -> None:
         s, evaluator, block = self.state, self._evaluator(), self.schedule[visit]
         evaluator.start_block(block)
@@ -222,7 +247,7 @@ class SearchEngine:
         block = self.schedule[s.visit]
         started = time.perf_counter()
         candidates = s.strategy.ask(s.rng)
-        fitnesses = [self._score(block, c) for c in candidates]
+        fitnesses = self._score_all(block, candidates, s.strategy.fidelity())
         kept = s.strategy.tell(candidates, fitnesses)
         scales, best = s.strategy.best()
         evaluator.apply(block, scales)  # the model always holds the best scales so far

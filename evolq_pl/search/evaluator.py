@@ -6,12 +6,15 @@ a candidate then costs only the rest of the model (``forward_from``), scored aga
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as TF
 
 from evolq_pl.fitness import FitnessAccumulator, FitnessFn
 from evolq_pl.models.base import QuantizedModel, SearchBlock
+from evolq_pl.quant.layers import QLinear
 from evolq_pl.search.scales import ScaleVector
 
 
@@ -29,18 +32,46 @@ def suffix_fitness(qmodel: QuantizedModel, block: int, inputs: list[torch.Tensor
     return acc.total(), len(inputs)
 
 
+@contextmanager
+def per_candidate_weights(layers: Sequence[QLinear],
+                          params: list[list[tuple[torch.Tensor, torch.Tensor | None]]]) -> Iterator[None]:
+    """Within the block, each layer computes the i-th of ``len(params)`` equal slices of its input batch with
+    candidate i's weight and bias (``params[i][layer]``), the op ``QLinear.forward`` runs with that candidate's
+    scales; every other module sees one batch of all candidates' images."""
+    count = len(params)
+
+    def forward_for(j: int):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            slices = x.split(x.shape[0] // count)
+            return torch.cat([TF.linear(xs, *p[j]) for xs, p in zip(slices, params, strict=True)])
+        return forward
+
+    for j, layer in enumerate(layers):
+        if not isinstance(layer, QLinear):
+            raise TypeError(f"batched evaluation patches QLinear layers only, got {type(layer).__name__}")
+        layer.forward = forward_for(j)  # an instance attribute: nn.Module.__call__ finds it before the class's
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 class SuffixEvaluator:
     """Scores search block ``b``'s scales as the mean fitness over this process's calibration batches.
 
     ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(..., "sum")``) adds a tensor over all processes, so that
     every process, holding its own batches, gets the fitness of the whole calibration set; None for one process.
+    ``evaluate_many`` scores up to ``stack`` candidates in one pass over the cached inputs (1: one by one).
     """
 
     def __init__(self, qmodel: QuantizedModel, blocks: Sequence[SearchBlock], batches: list[torch.Tensor],
                  teachers: list[torch.Tensor], fitness_fn: FitnessFn, device: torch.device,
-                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, stack: int = 8) -> None:
+        if stack < 1:
+            raise ValueError(f"stack must be >= 1 candidate per pass, got {stack}")
         self.qmodel, self.batches, self.teachers, self.fitness_fn = qmodel, batches, teachers, fitness_fn
-        self.device, self.reduce_sum = device, reduce_sum
+        self.device, self.reduce_sum, self.stack = device, reduce_sum, stack
         self.scales = [ScaleVector(block.layers) for block in blocks]
         self._inputs: list[torch.Tensor] = []
 
@@ -54,11 +85,47 @@ class SuffixEvaluator:
     def fitness(self, block: int) -> float:
         """Mean fitness of the model as it stands, from the inputs cached for ``block``."""
         total, count = suffix_fitness(self.qmodel, block, self._inputs, self.teachers, self.fitness_fn, self.device)
+        return self._means(total, count)[0]
+
+    def _means(self, totals: torch.Tensor, count: int) -> list[float]:
+        """Per-candidate means from per-candidate sums over ``count`` batches (over all processes: one reduce)."""
         if self.reduce_sum is None:
-            return float(total) / count  # one host sync per candidate, none per batch
-        total = self.reduce_sum(total)
-        return FitnessAccumulator.mean_of(total, self.reduce_sum(torch.tensor(float(count), dtype=torch.float64,
-                                                                               device=self.device)))
+            return [float(t) / count for t in totals.reshape(-1).tolist()]  # one host sync, none per batch
+        totals = self.reduce_sum(totals)
+        n = self.reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=self.device))
+        return [FitnessAccumulator.mean_of(t, n) for t in totals.reshape(-1)]
+
+    def calibration_share(self, fraction: float) -> float:
+        """``evaluate_many(..., fraction)`` scores on this process's first ``max(1, round(fraction * n))`` of its
+        n batches: that share (a whole batch is the smallest unit)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction of the calibration set must be in (0, 1], got {fraction}")
+        n = len(self._inputs) or len(self.batches)
+        return max(1, round(fraction * n)) / n
+
+    @torch.no_grad()
+    def evaluate_many(self, block: int, candidates: Sequence[torch.Tensor], fraction: float = 1.0) -> list[float]:
+        """``evaluate`` of each candidate, ``stack`` at a time: the cached inputs repeated once per candidate along
+        the batch, the block's layers computing each slice with its candidate's weights, the rest of the model
+        run once on the stacked batch. The model holds the last candidate afterwards."""
+        k = round(self.calibration_share(fraction) * len(self._inputs))
+        inputs, teachers = self._inputs[:k], self.teachers[:k]
+        layers = self.scales[block].layers
+        out: list[float] = []
+        for start in range(0, len(candidates), self.stack):
+            group = candidates[start:start + self.stack]
+            params = []
+            for scales in group:  # each candidate's weights, quantized once for all batches
+                self.apply(block, scales)
+                params.append([layer.compute_params(inputs[0]) for layer in layers])
+            accs = [FitnessAccumulator(self.device) for _ in group]
+            with per_candidate_weights(layers, params):
+                for hidden, teacher in zip(inputs, teachers, strict=True):
+                    logits = self.qmodel.forward_from(block, hidden.repeat(len(group), *[1] * (hidden.dim() - 1)))
+                    for acc, part in zip(accs, logits.split(len(hidden)), strict=True):
+                        acc.add(self.fitness_fn(part, teacher))
+            out += self._means(torch.stack([acc.total() for acc in accs]), k)
+        return out
 
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         self.apply(block, scales)

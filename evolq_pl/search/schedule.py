@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def block_schedule(num_blocks: int, num_passes: int) -> list[int]:
@@ -53,6 +54,9 @@ class SearchConfig:
     """Mutation half-width; None means `default_eps(bits)` of the block's weights."""
     relative_mutation: bool = False
     """Scale the noise by |s| (child = |s(1+u)|) instead of the reference's absolute noise."""
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    """Settings of the chosen strategy beyond these (e.g. ``{"sigma": 0.03}`` for ``cmaes``); each strategy checks
+    its own."""
 
     def __post_init__(self) -> None:
         for name in ("population_size", "tournament_size", "num_cycles", "num_passes"):
@@ -69,6 +73,10 @@ class SearchConfig:
             raise ValueError(
                 f"SearchConfig.relative_mutation must be True or False, got {self.relative_mutation!r}"
             )
+
+        if not isinstance(self.strategy_options, dict) or not all(isinstance(k, str) for k in self.strategy_options):
+            raise ValueError(f"SearchConfig.strategy_options must be a dict of named settings, got "
+                             f"{self.strategy_options!r}; write e.g. {{'sigma': 0.03}}")
 
     def resolve_eps(self, bits: int) -> float:
         """The eps to use for a block whose weights have `bits` bits."""

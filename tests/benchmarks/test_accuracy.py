@@ -22,7 +22,7 @@ def test_bad_set_pair_fails_with_a_hint(pair, hint):
 
 
 @pytest.mark.slow
-def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, tmp_path, capsys):
+def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, plain_fp_top1, tmp_path, capsys):
     out = tmp_path / "acc.json"
     common = ["--checkpoints", tiny_vit_checkpoint, "--bits", "3:8", "--seeds", "0", "--passes", "1",
               "--calib-size", "100", "--device", "cpu", "--out", str(out)]
@@ -31,7 +31,8 @@ def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, tmp
     assert len(rows) == 1 and rows[0]["settings"] == "relative_mutation=true"
     row = rows[0]
     assert row["fitness_after"] <= row["fitness_before"]  # the search never accepts a worse scale vector
-    assert row["fp"]["agree_fp"] == 100.0 and row["fp"]["kl_fp"] == pytest.approx(0.0, abs=1e-6)
+    # the FP row against a plain timm model's count of correct test images (one image may flip at a near tie)
+    assert row["fp"]["top1"] == pytest.approx(plain_fp_top1, abs=0.011)
     # float sums differ across vector ISAs (AVX2 vs AVX-512), and with them a search: each row names its own
     assert row["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 

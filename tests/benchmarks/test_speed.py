@@ -59,6 +59,18 @@ def test_naive_repeats_beyond_repeats_is_refused(capsys):
     assert "--naive-repeats must be between 0 and --repeats (2)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_swin_suffix_scores_the_probe_like_the_whole_model_and_has_a_floor():
+    """Swin-T shapes: the last block (past the last patch merging) and the floor of timm's own blocks."""
+    result = main([*TINY[:4], "--models", "swin_tiny", "--calib-sizes", "2", "--batch-size", "2", "--blocks=-1",
+                   "--repeats", "1"])
+    (run,) = result["runs"]
+    assert run["timm_name"] == "swin_tiny_patch4_window7_224.ms_in1k" and run["depth"] == 12
+    for row in run["blocks"]:
+        assert row["ops"]["fast"]["check"]["same"], row["ops"]["fast"]["check"]
+        assert row["floor_s"] > 0
+
+
 @pytest.mark.parametrize(("name", "side"), [("resnet50", 48), ("mobilenetv2_035", 32)])
 @torch.no_grad()
 def test_the_cnn_floor_is_timms_model_from_any_block(name, side):

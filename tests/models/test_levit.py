@@ -267,7 +267,7 @@ def test_lightning_module_schedules_every_levit_attention_block():
     assert len(module.blocks) == 11
     assert module.engine.schedule == list(range(10, -1, -1)) * 2
     assert module.engine.eps == [1e-4] * 11
-    assert module.test_top1.num_classes == 10
+    assert module.test_accuracy["top1"].num_classes == 10
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [("levit_conv_128s", {}), (NAME, {"global_pool": ""})])

@@ -15,7 +15,7 @@ from evolq_pl.quant.modes import quantization_disabled
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-@pytest.mark.parametrize("name", ["vit12s_fmnist.pth", "resnet_fmnist.pth"])
+@pytest.mark.parametrize("name", ["vit12s_fmnist.pth", "swin_fmnist.pth", "resnet_fmnist.pth"])
 @torch.no_grad()
 def test_shipped_vit_scores_its_recorded_fp_top1_on_the_full_test_set(name):
     ckpt = CHECKPOINTS / name

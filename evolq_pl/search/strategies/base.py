@@ -25,6 +25,8 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     """The registry name (``strategy: <name>`` in a config); subclasses without one are not selectable."""
+    options: ClassVar[dict[str, Any]] = {}
+    """The ``strategy_options`` this strategy understands, with their defaults."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -35,6 +37,15 @@ class Strategy(ABC):
 
     def __init__(self, config: SearchConfig) -> None:
         self.config = config
+        unknown = sorted(set(config.strategy_options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(f"strategy {self.name!r} has no option {', '.join(map(repr, unknown))}: "
+                             f"it understands {known}")
+
+    def option(self, key: str) -> Any:
+        """A ``strategy_options`` value, or its default from ``options``."""
+        return self.config.strategy_options.get(key, self.options[key])
 
     @abstractmethod
     def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
@@ -43,6 +54,13 @@ class Strategy(ABC):
     @abstractmethod
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         """The candidates of one generation (one or many scale vectors)."""
+
+    def fidelity(self) -> float:
+        """The share of the calibration set the last ``ask``'s candidates are scored on (1: all of it).
+
+        The engine counts a candidate scored on a share ``f`` as ``f`` evaluations, so budgets stay comparable.
+        """
+        return 1.0
 
     @abstractmethod
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:

@@ -1,0 +1,101 @@
+"""Multi-fidelity screening: ``strategy: multifidelity``.
+
+The paper's search scores 3 mutations per block visit on the whole calibration set. Candidates that differ by one
+mutation step are ranked almost the same by a few batches as by all of them (the batches are shared, so their noise
+is common to every candidate), so here each round screens ``screen`` mutations of the block's best scales on the
+first ``fraction`` of the calibration batches, then re-scores the ``rescore`` best of them on all batches; only a
+full-set fitness ever replaces the model's scales. A round is two generations (screen, re-score) and costs
+``screen * share + rescore`` full-set evaluations, where ``share`` is the whole-batch share actually scored
+(``SuffixEvaluator.calibration_share``): 10 x 0.1 + 2 = 3, the paper's 3 per visit, at ``num_cycles: 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from evolq_pl.search.evolution import mutate
+from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.strategies.base import Strategy
+
+
+class MultiFidelity(Strategy):
+    """Screen many mutations of the best scales on a few batches, re-score the best few on all, keep the best."""
+
+    name = "multifidelity"
+    options = {"screen": 10, "fraction": 0.1, "rescore": 2}
+    """``screen``: mutations per round; ``fraction``: share of the calibration batches they are scored on;
+    ``rescore``: how many of the best screened go on to the full calibration set."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        super().__init__(config)
+        screen, fraction, rescore = self.option("screen"), self.option("fraction"), self.option("rescore")
+        for key, value in (("screen", screen), ("rescore", rescore)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"multifidelity {key} must be an integer >= 1, got {value!r}")
+        if rescore > screen:
+            raise ValueError(f"multifidelity rescore ({rescore}) cannot exceed screen ({screen})")
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise ValueError(f"multifidelity fraction must be in (0, 1], got {fraction!r}; e.g. 0.1 (one batch in 10)")
+        if config.num_cycles % 2:
+            raise ValueError(f"multifidelity alternates a screening and a re-scoring generation, so num_cycles must be "
+                             f"even, got {config.num_cycles}; give num_cycles: 2 for one round per visit")
+        self.best_scales: torch.Tensor | None = None
+        self.best_fitness = math.inf
+        self.eps: float | None = None
+        self.shortlist: list[torch.Tensor] = []
+        self.screening = True
+        """Whether the last ``ask`` (or the next, between generations) is a screening one."""
+
+    def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
+        self.best_scales, self.best_fitness, self.eps = scales.detach().clone(), float(fitness), eps
+        self.shortlist, self.screening = [], True
+
+    def _best(self) -> torch.Tensor:
+        if self.best_scales is None:
+            raise RuntimeError("the strategy has no visit in progress: call start_visit first")
+        return self.best_scales
+
+    def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
+        best = self._best()
+        self.screening = not self.shortlist  # a screen that scored nothing finite is followed by another screen
+        if self.screening:
+            return [mutate(best, self.eps, rng, self.config.relative_mutation) for _ in range(self.option("screen"))]
+        return list(self.shortlist)
+
+    def fidelity(self) -> float:
+        return float(self.option("fraction")) if self.screening else 1.0
+
+    def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
+        kept = [False] * len(candidates)
+        if self.screening:
+            order = sorted((f, i) for i, f in enumerate(fitnesses) if math.isfinite(f))  # ties: the earlier
+            self.shortlist = [candidates[i] for _, i in order[:self.option("rescore")]]
+            return kept
+        self.shortlist = []
+        for i, (c, f) in enumerate(zip(candidates, fitnesses, strict=True)):
+            if math.isfinite(f) and f < self.best_fitness:
+                self.best_scales, self.best_fitness = c.detach().clone(), float(f)
+                kept = [False] * len(candidates)
+                kept[i] = True
+        return kept
+
+    def best(self) -> tuple[torch.Tensor, float]:
+        return self._best(), self.best_fitness
+
+    def stats(self) -> dict[str, float]:
+        return {"screening": float(self.screening)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_scales": None if self.best_scales is None else self.best_scales.clone(),
+                "best_fitness": self.best_fitness, "eps": self.eps,
+                "shortlist": [c.clone() for c in self.shortlist], "screening": self.screening}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best = state["best_scales"]
+        self.best_scales = None if best is None else best.clone()
+        self.best_fitness, self.eps = float(state["best_fitness"]), state["eps"]
+        self.shortlist, self.screening = [c.clone() for c in state["shortlist"]], bool(state["screening"])

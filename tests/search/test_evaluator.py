@@ -1,0 +1,96 @@
+"""SuffixEvaluator.evaluate_many: several candidates in one pass give each candidate's one-by-one fitness, and a
+share of the calibration set is scored on its first batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from evolq_pl.fitness import get_fitness
+from evolq_pl.models.levit import QuantLevit
+from evolq_pl.models.vit import QuantViT
+from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.modes import calibrate, quantization_disabled
+from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.search.evolution import mutate
+from evolq_pl.testing import unit_gain_vit
+
+
+def _images(seed: int, n: int, size: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _vit() -> QuantViT:
+    return QuantViT(unit_gain_vit("deit_tiny_patch16_224", 0, depth=2), QuantConfig(w_bits=3), "deit").eval()
+
+
+@torch.no_grad()
+def _levit() -> QuantLevit:
+    """A tiny LeViT whose residual branches and BatchNorms matter (timm's init zeroes them: constant logits)."""
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, depth=(1, 1, 1), img_size=96, embed_dim=(32, 48, 64),
+                              key_dim=8, num_heads=(2, 3, 4), num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.weight.normal_(1, 0.3)
+            m.bias.normal_(0, 0.3)
+        elif isinstance(m, nn.Linear | nn.Conv2d):
+            m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+    return QuantLevit(model, QuantConfig(w_bits=3), "levit_128s").eval()
+
+
+@pytest.fixture(params=["vit", "levit"])
+def evaluator(request) -> SuffixEvaluator:
+    qmodel, size = (_vit(), 32) if request.param == "vit" else (_levit(), 96)
+    batches = [_images(s, 6, size) for s in range(3)]
+    calibrate(qmodel, batches)
+    with torch.no_grad(), quantization_disabled(qmodel):
+        teachers = [qmodel(x).float() for x in batches]
+    return SuffixEvaluator(qmodel, qmodel.search_blocks(), batches, teachers, get_fitness("infonce"),
+                           torch.device("cpu"), stack=3)
+
+
+def candidates(ev: SuffixEvaluator, block: int, count: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng(block)
+    base = ev.get(block)
+    return [mutate(base, 0.05, rng, relative=True) for _ in range(count)]
+
+
+def test_batched_fitness_is_the_one_by_one_fitness_for_every_block(evaluator):
+    """Bitwise here (one thread; the stacked batch only adds rows to the shared layers' matrix products). Other
+    kernels may round a row differently with the row count; the search then differs in the last bits only."""
+    for block in range(len(evaluator.scales)):
+        evaluator.start_block(block)
+        cands = candidates(evaluator, block, 5)  # two passes of stack=3, the second not full
+        one_by_one = [evaluator.evaluate(block, c) for c in cands]
+        assert evaluator.evaluate_many(block, cands) == one_by_one, block
+        assert torch.equal(evaluator.get(block), cands[-1])  # the model holds the last candidate
+        evaluator.end_block(block)
+
+
+def test_a_share_of_the_calibration_set_is_scored_on_its_first_batches(evaluator):
+    block = len(evaluator.scales) - 1
+    evaluator.start_block(block)
+    cands = candidates(evaluator, block, 2)
+    assert evaluator.calibration_share(0.4) == pytest.approx(1 / 3)  # one whole batch of three
+    part = evaluator.evaluate_many(block, cands, fraction=0.4)
+    full_batches, evaluator._inputs = evaluator._inputs, evaluator._inputs[:1]
+    teachers, evaluator.teachers = evaluator.teachers, evaluator.teachers[:1]
+    assert part == [evaluator.evaluate(block, c) for c in cands]
+    evaluator._inputs, evaluator.teachers = full_batches, teachers
+    assert part != evaluator.evaluate_many(block, cands)
+    with pytest.raises(ValueError, match=r"fraction of the calibration set must be in \(0, 1\], got 0"):
+        evaluator.calibration_share(0)
+
+
+def test_batched_evaluation_leaves_the_layers_as_they_were(evaluator):
+    block = 0
+    evaluator.start_block(block)
+    layers = evaluator.scales[block].layers
+    evaluator.evaluate_many(block, candidates(evaluator, block, 2))
+    assert all("forward" not in vars(layer) for layer in layers)
+    x = evaluator._inputs[0]
+    assert torch.equal(evaluator.qmodel.forward_from(block, x), evaluator.qmodel.forward_from(block, x.clone()))
