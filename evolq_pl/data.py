@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 __all__ = [
@@ -233,18 +233,40 @@ class CalibrationDataModule(LightningDataModule, ABC):
         self._setup_splits()
         if self.heldout_size == 0:
             return []
-        return self._loader(self.heldout_set, self.test_batch_size)
+        return self._loader(self.heldout_set, self.test_batch_size, evaluation=True)
 
     def test_dataloader(self) -> DataLoader:
         """The test split, read only by the test loop."""
         if self.test_set is None:
             self.test_set = self._load_test()
-        return self._loader(self.test_set, self.test_batch_size)
+        return self._loader(self.test_set, self.test_batch_size, evaluation=True)
 
-    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, evaluation: bool = False) -> DataLoader:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        sampler = _EveryItemOnce(dataset, world, trainer.global_rank) if evaluation and world > 1 else None
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers
+            dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers,
+            sampler=sampler,
         )
+
+
+class _EveryItemOnce(DistributedSampler):
+    """Each process's share of an evaluation split, every item exactly once over all processes.
+
+    Lightning's own DistributedSampler pads the shares to equal length with repeated items, which counts them twice
+    in a held-out or test top-1; Lightning leaves a DistributedSampler the loader already has in place.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 # ---------------------------------------------------------------------------------------------------------------

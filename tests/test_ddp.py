@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,52 @@ def test_a_strategy_with_many_candidates_decides_alike_in_two_processes(tmp_path
     b = torch.load(two / "checkpoints" / "last.ckpt", weights_only=False)
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-6, atol=0, msg=key)
+
+
+def uneven_args(root: Path, ckpt: str, version: str, *extra: str) -> list[str]:
+    """Ten calibration batches of 4: three ranks hold 4, 3 and 3 of them."""
+    args = run_args(root, ckpt, version, "--data.calib_size", "40", "--data.batch_size", "4", "--model.num_passes", "1",
+                    "--data.test_batch_size", "100", "--model.w_bits", "2", "--model.eps", "0.003", *extra)
+    return args
+
+
+def run_ddp(args: list[str], log: Path, ranks: int) -> str:
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "cli.py", *args, "--trainer.strategy", "ddp", "--trainer.devices",
+                                 str(ranks)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=500)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert f"MEMBER: {ranks}/{ranks}" in text
+    return text
+
+
+@pytest.mark.slow
+def test_three_ranks_on_ten_batches_search_and_test_like_one_process(tmp_path, tiny_vit_checkpoint):
+    one = cli_main(uneven_args(tmp_path, tiny_vit_checkpoint, "one"))
+    run_ddp(uneven_args(tmp_path, tiny_vit_checkpoint, "three"), tmp_path / "fit.log", 3)
+    a = torch.load(tmp_path / "evolq" / "one" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "evolq" / "three" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 3 * 2
+    accepted = scalars(tmp_path / "evolq" / "one", "search/accepted")
+    assert scalars(tmp_path / "evolq" / "three", "search/accepted") == accepted and sum(accepted) > 0
+    assert a["evolq"]["search"]["strategy"]["population"]["uids"] == b["evolq"]["search"]["strategy"]["population"][
+        "uids"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-6, atol=0, msg=key)
+    assert one.model.teacher_id == a["evolq"]["teacher_id"] == b["evolq"]["teacher_id"]  # all 40 images, once
+
+    # test on three ranks: the same top-1 over the 2000 test images as one process
+    last = tmp_path / "evolq" / "three" / "checkpoints" / "last.ckpt"
+    test_args = ["test", *uneven_args(tmp_path, tiny_vit_checkpoint, "test_one")[1:], "--ckpt_path", str(last)]
+    cli_main(test_args)
+    run_ddp(["test", *uneven_args(tmp_path, tiny_vit_checkpoint, "test_three")[1:], "--ckpt_path", str(last)],
+            tmp_path / "test.log", 3)
+    single, ranks = (json.loads((tmp_path / "evolq" / v / "test_results.json").read_text())
+                     for v in ("test_one", "test_three"))
+    assert ranks["test_images"] == single["test_images"] == 2000
+    assert ranks["top1"] == single["top1"] and ranks["top5"] == single["top5"]
