@@ -43,9 +43,12 @@ def test_rows_keep_their_settings_and_resume_skips_them(tiny_vit_checkpoint, pla
 
     main(common + ["--set", "relative_mutation=true"])  # same settings: nothing is measured again
     assert json.loads(out.read_text()) == rows
-    main(common)  # other settings: a new row beside the first, its own line in the table
+    main(common + ["--curve", "3"])  # other settings: a new row beside the first, its own line in the table
     rows = json.loads(out.read_text())
     assert [r["settings"] for r in rows] == ["relative_mutation=true", ""]
+    curve = rows[1]["curve"]  # the test top-1 after each of the 3 visits, from the baseline to the searched model
+    assert [p["visit"] for p in curve] == [0, 1, 2, 3] and curve[0]["top1"] == rows[1]["baseline"]["top1"]
+    assert curve[-1]["top1"] == rows[1]["evolq"]["top1"] and curve[-1]["evaluations"] == rows[1]["evaluations"]
     table = capsys.readouterr().out
     assert "1 passes, 100 images relative_mutation=true" in table and "| 1 passes, 100 images |" in table
     last_table = table[table.rindex("| model |"):].strip()
