@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -81,6 +82,18 @@ class Strategy(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``."""
+
+
+def keep_improvements(best: tuple[torch.Tensor | None, float], candidates: list[torch.Tensor],
+                      fitnesses: list[float]) -> tuple[tuple[torch.Tensor | None, float], list[bool]]:
+    """The best of ``best`` and the finite-fitness candidates (the earlier wins a tie), and which candidate it is."""
+    kept = [False] * len(candidates)
+    for i, (c, f) in enumerate(zip(candidates, fitnesses, strict=True)):
+        if math.isfinite(f) and f < best[1]:
+            best = (c.detach().clone(), float(f))
+            kept = [False] * len(candidates)
+            kept[i] = True
+    return best, kept
 
 
 def _discover() -> None:

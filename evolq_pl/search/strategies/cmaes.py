@@ -24,7 +24,7 @@ import torch
 
 from evolq_pl.search.evolution import _MIN_SCALE
 from evolq_pl.search.schedule import SearchConfig
-from evolq_pl.search.strategies.base import Strategy
+from evolq_pl.search.strategies.base import Strategy, keep_improvements
 
 
 class _EngineNormal:
@@ -153,12 +153,8 @@ class CMAES(Strategy):
         ranked = [f if math.isfinite(f) else worst + abs(worst) + 1.0 for f in fitnesses]  # last in cma's ranking
         self._es().tell(self._asked, ranked)
         self._asked = []
-        kept = [False] * len(candidates)
-        for i, (c, f) in enumerate(zip(candidates, fitnesses, strict=True)):
-            if math.isfinite(f) and f < self.best_fitness:
-                self.best_scales, self.best_fitness = c.detach().clone(), float(f)
-                kept = [False] * len(candidates)
-                kept[i] = True
+        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
+                                                                        candidates, fitnesses)
         return kept
 
     def best(self) -> tuple[torch.Tensor, float]:

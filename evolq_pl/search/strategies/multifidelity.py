@@ -19,7 +19,7 @@ import torch
 
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig
-from evolq_pl.search.strategies.base import Strategy
+from evolq_pl.search.strategies.base import Strategy, keep_improvements
 
 
 class MultiFidelity(Strategy):
@@ -70,17 +70,13 @@ class MultiFidelity(Strategy):
         return float(self.option("fraction")) if self.screening else 1.0
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
-        kept = [False] * len(candidates)
         if self.screening:
             order = sorted((f, i) for i, f in enumerate(fitnesses) if math.isfinite(f))  # ties: the earlier
             self.shortlist = [candidates[i] for _, i in order[:self.option("rescore")]]
-            return kept
+            return [False] * len(candidates)
         self.shortlist = []
-        for i, (c, f) in enumerate(zip(candidates, fitnesses, strict=True)):
-            if math.isfinite(f) and f < self.best_fitness:
-                self.best_scales, self.best_fitness = c.detach().clone(), float(f)
-                kept = [False] * len(candidates)
-                kept[i] = True
+        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
+                                                                        candidates, fitnesses)
         return kept
 
     def best(self) -> tuple[torch.Tensor, float]:
