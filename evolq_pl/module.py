@@ -127,7 +127,7 @@ class EvolQModule(ClassifierEvaluation):
         self._calib: list[torch.Tensor] = []
         self.teacher_id: str | None = None
         self._resumed_teacher_id: str | None = None
-        self._selected: list[torch.Tensor] | None = None  # a tested checkpoint's held-out selection, written on start
+        self._selected: dict[str, Any] | None = None  # a tested checkpoint's search state, its selection put in on start
 
     @property
     def current_fitness(self) -> float | None:
@@ -161,8 +161,7 @@ class EvolQModule(ClassifierEvaluation):
     def ensure_calibrated(self) -> None:
         """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
         if self._selected is not None:  # the checkpoint's weights are loaded by now: put the kept scales in
-            for block, scales in zip(self.blocks, self._selected, strict=True):
-                ScaleVector(block.layers).set(scales)
+            self.apply_heldout_selection(self._selected)
             self._selected = None
         if all(bool(q.calibrated) for _, q in quantizers(self.qmodel)):
             set_quantized(self.qmodel, True)
@@ -244,6 +243,13 @@ class EvolQModule(ClassifierEvaluation):
         if fitting:
             self.engine.load_state_dict(state["search"])
             self._resumed_teacher_id = state["teacher_id"]
-        elif self.hparams.selection == "heldout":
-            # the file holds the last visit's scales; the fit ended with the best held-out ones (HeldoutSelection)
-            self._selected = state["search"]["best_snapshot"]
+        else:
+            self._selected = state
+
+    def apply_heldout_selection(self, state: dict[str, Any]) -> None:
+        """A held-out-selection checkpoint holds the last visit's scales, while its fit ended with the best held-out
+        ones (HeldoutSelection): put those in, for every use of the checkpoint (test, validate, export, landscape)."""
+        snapshot = state["search"].get("best_snapshot")
+        if self.hparams.selection == "heldout" and snapshot is not None:
+            for block, scales in zip(self.blocks, snapshot, strict=True):
+                ScaleVector(block.layers).set(scales)

@@ -77,8 +77,9 @@ def quantized_model_for(model: EvolQModule, datamodule: CalibrationDataModule | 
     qmodel = model.qmodel
     if ckpt_path:
         checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
-        model.check_checkpoint(checkpoint)
+        state = model.check_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
+        model.apply_heldout_selection(state)
         set_quantized(qmodel, True)
         return qmodel, f"searched checkpoint {ckpt_path}"
     if datamodule is None:

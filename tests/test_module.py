@@ -16,6 +16,7 @@ from evolq_pl.module import EvolQModule, GenerationCounter
 from evolq_pl.quant.fused import fused_enabled, fused_kernels
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 from evolq_pl.search.engine import same_state
+from evolq_pl.trainer import quantized_model_for
 
 CKPT: str = ""
 
@@ -198,6 +199,11 @@ def test_heldout_selection_keeps_the_best_visit_even_when_it_is_not_the_last(tmp
     make_trainer(tmp_path, fresh).test(fresh, datamodule=make_data(fresh), ckpt_path=tmp_path / "last.ckpt")
     tested = [torch.cat([layer.weight_quantizer.scale.reshape(-1) for layer in b.layers]) for b in fresh.blocks]
     assert all(torch.equal(a, b) for a, b in zip(tested, rec.scales[best], strict=True))
+    # and so do the verbs that read a checkpoint outside a Trainer loop (export, landscape)
+    other = make_module(num_passes=2, selection="heldout", w_bits=2, eps=3e-3)
+    quantized_model_for(other, None, str(tmp_path / "last.ckpt"))
+    exported = [torch.cat([layer.weight_quantizer.scale.reshape(-1) for layer in b.layers]) for b in other.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(exported, rec.scales[best], strict=True))
 
 
 def test_heldout_selection_without_heldout_images_is_refused_with_the_fix(tmp_path):
