@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -218,17 +219,23 @@ def cli_main(args: Sequence[str] | None = None) -> EvolQCLI:
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(args)
-    with quiet_lightning():
-        return EvolQCLI(
-            EvolQModule,
-            CalibrationDataModule,
-            trainer_class=EvolQTrainer,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+    try:
+        with quiet_lightning():
+            return EvolQCLI(
+                EvolQModule,
+                CalibrationDataModule,
+                trainer_class=EvolQTrainer,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                auto_configure_optimizers=False,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+    finally:
+        # a DDP rank that exits with its process group alive may abort in gloo's thread teardown ("terminate called
+        # without an active exception"), and the launcher then kills the other ranks: close it on the way out
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from its log, and recorded beside the aim.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -324,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         proc = Search(search_args(weights, save_dir, opts) + ["--ckpt_path", "last"],
                       work / f"interrupted_{number}.log")
         watch = {"calibration": "fit", "mid-generation": "start", "held-out validation": "val"}.get(aim, "end")
-        if aim == "start-up":
-            time.sleep(rnd.uniform(1.0, 10.0))  # importing, building, calibrating or restoring
+        if aim == "start-up":  # importing, building or restoring: at the first stamp at the latest, which a fast
+            with contextlib.suppress(queue.Empty):  # machine reaches in seconds (a fixed sleep could outlast the
+                proc.next_stamp(timeout=rnd.uniform(1.0, 10.0))  # whole resumed search)
         else:
             while True:
                 kind, step = proc.next_stamp(timeout=opts.timeout)
