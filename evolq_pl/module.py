@@ -184,6 +184,7 @@ class EvolQModule(ClassifierEvaluation):
     def on_fit_start(self) -> None:
         self.ensure_calibrated()
         rank, world = self.global_rank, self.trainer.world_size
+        run_checks.check_calibration_shards(len(self._calibration()), world)
         shard = [b.to(self.device) for b in self._calibration()[rank::world]]  # this rank's batches, round robin
         with quantization_disabled(self.qmodel, keep_int_norm=self.hparams.teacher == "int_ln"):
             teachers = [self.qmodel(x).float() for x in shard]

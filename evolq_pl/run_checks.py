@@ -90,3 +90,9 @@ def check_generations_per_epoch(steps: int, num_cycles: int) -> None:
                          f"gives {steps} steps per epoch: give the data module generations_per_epoch={num_cycles} "
                          "(cli.py links them)")
 
+
+def check_calibration_shards(num_batches: int, world_size: int) -> None:
+    """Each DDP rank scores its own calibration batches; a rank without one would have nothing to score."""
+    if num_batches < world_size:
+        raise ValueError(f"{world_size} processes share {num_batches} calibration batches, so some would hold none: "
+                         f"give at least {world_size} batches (data.calib_size / data.batch_size) or fewer devices")

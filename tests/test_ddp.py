@@ -148,3 +148,16 @@ def test_three_ranks_on_ten_batches_search_and_test_like_one_process(tmp_path, t
                      for v in ("test_one", "test_three"))
     assert ranks["test_images"] == single["test_images"] == 2000
     assert ranks["top1"] == single["top1"] and ranks["top5"] == single["top5"]
+
+
+@pytest.mark.slow
+def test_more_ranks_than_calibration_batches_is_refused_with_the_fix(tmp_path, tiny_vit_checkpoint):
+    args = [*uneven_args(tmp_path, tiny_vit_checkpoint, "three"), "--data.calib_size", "8"]  # 2 batches of 4
+    with (tmp_path / "fit.log").open("w") as out:
+        proc = subprocess.run([sys.executable, "cli.py", *args, "--trainer.strategy", "ddp", "--trainer.devices", "3"],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=500)
+    assert proc.returncode != 0
+    assert ("3 processes share 2 calibration batches, so some would hold none: give at least 3 batches "
+            "(data.calib_size / data.batch_size) or fewer devices") in (tmp_path / "fit.log").read_text()
+    assert not (tmp_path / "evolq" / "three" / "checkpoints" / "last.ckpt").exists()
