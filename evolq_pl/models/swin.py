@@ -169,6 +169,7 @@ class QuantSwin(QuantizedModel):
         super().__init__()
         self._check_supported(model)
         self.model_name, self.qconfig = model_name, cfg
+        self.input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)  # the masks' resolution
         if cfg.faithful:
             cfg = replace(cfg, bias_correction=False)  # quirk 20
         quantize_input = True if cfg.quantize_input is None else cfg.quantize_input  # as DeiT and LeViT

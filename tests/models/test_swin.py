@@ -243,3 +243,11 @@ def test_lightning_fit_searches_every_block_and_a_resumed_fit_ends_bitwise_equal
     after = [layer.weight_quantizer.scale for b in resumed.blocks for layer in b.layers]
     assert all(torch.equal(a, b) for a, b in zip(after, scales, strict=True))
     assert resumed.current_fitness == ref.current_fitness
+
+
+def test_images_of_another_size_than_the_swin_was_built_for_are_refused(calibrated_w8):
+    _, qmodel = calibrated_w8
+    qmodel.check_input(_images(0))
+    with pytest.raises(ValueError, match=r"images of 3x48x48 \(channels x height x width\) do not fit "
+                                         r"swin_tiny_patch4_window7_224, built for 3x32x32"):
+        qmodel.check_input(_images(0, size=48))
