@@ -3,12 +3,13 @@ evaluator for the search engine.
 
 The test suite and ``scripts/fault_injection.py`` both need a trained, non-degenerate transformer that builds in
 seconds on a CPU; ``train_tiny_vit`` is the one recipe they share. ``unit_gain_vit`` is the untrained tiny ViT/DeiT
-that the model and fast-path tests build. ``ToyEvaluator`` lets engine and strategy tests run a whole search in
-milliseconds, with no model at all.
+that the model and fast-path tests build. ``ToyEvaluator`` (with ``toy_engine``, ``run_search`` and
+``through_checkpoint``) lets engine and strategy tests run and resume a whole search in milliseconds, with no model.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from evolq_pl.data import DemoDataModule
+from evolq_pl.search.engine import SearchEngine
+from evolq_pl.search.schedule import SearchConfig
 
 TINY_VIT_NAME = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 48, "depth": 3,
@@ -145,3 +148,26 @@ def tiny_cnn(name: str = "resnet18", seed: int = 0, **kwargs) -> nn.Module:
             m.running_mean.normal_(0, 0.3)
             m.running_var.uniform_(0.5, 2)
     return model.eval()
+
+
+def toy_engine(config: SearchConfig, strategy: str, seed: int = 7, evaluator: ToyEvaluator | None = None,
+               sizes: Sequence[int] = (5, 3, 4)) -> SearchEngine:
+    """A search engine over a ``ToyEvaluator``'s blocks (every block's eps is ``config.eps``)."""
+    return SearchEngine(len(sizes), [config.eps] * len(sizes), config, strategy, seed,
+                        evaluator=evaluator or ToyEvaluator(sizes))
+
+
+def run_search(engine: SearchEngine) -> list:
+    """Step the engine to the end; returns each generation's report."""
+    reports = []
+    while not engine.done:
+        reports.append(engine.step())
+    return reports
+
+
+def through_checkpoint(state: dict) -> dict:
+    """``state`` through torch.save/torch.load with weights_only, as a checkpoint file takes it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import time
 
@@ -15,7 +14,9 @@ from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.cmaes import CMAES, dump_es, load_es
-from evolq_pl.testing import ToyEvaluator
+from evolq_pl.testing import ToyEvaluator, toy_engine
+from evolq_pl.testing import run_search as run
+from evolq_pl.testing import through_checkpoint as roundtrip
 
 CONFIG = SearchConfig(num_cycles=3, num_passes=2, eps=2e-2, strategy_options={"popsize": 4, "sigma": 0.05,
                                                                                 "diagonal_above": 4})
@@ -23,22 +24,7 @@ SIZES = (5, 3, 4)  # ToyEvaluator's blocks: the 5-value one runs the separable v
 
 
 def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7) -> SearchEngine:
-    return SearchEngine(len(SIZES), [CONFIG.eps] * len(SIZES), CONFIG, "cmaes", seed,
-                        evaluator=evaluator or ToyEvaluator())
-
-
-def run(engine: SearchEngine) -> list:
-    reports = []
-    while not engine.done:
-        reports.append(engine.step())
-    return reports
-
-
-def roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return toy_engine(CONFIG, "cmaes", seed, evaluator, SIZES)
 
 
 def es_core(es) -> list:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -12,30 +11,16 @@ import torch
 from evolq_pl.search.engine import NonFiniteBaseline, SearchEngine, same_state
 from evolq_pl.search.evolution import Population, generation
 from evolq_pl.search.schedule import SearchConfig
-from evolq_pl.testing import ToyEvaluator
+from evolq_pl.testing import ToyEvaluator, toy_engine
+from evolq_pl.testing import run_search as run
+from evolq_pl.testing import through_checkpoint as roundtrip
 
 CONFIG = SearchConfig(population_size=4, tournament_size=3, num_cycles=2, num_passes=2, eps=2e-2)
 SIZES = (5, 3, 4)  # ToyEvaluator's three blocks of scales
 
 
 def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7) -> SearchEngine:
-    return SearchEngine(len(SIZES), [CONFIG.eps] * len(SIZES), CONFIG, "evolq", seed,
-                        evaluator=evaluator or ToyEvaluator())
-
-
-def run(engine: SearchEngine) -> list:
-    reports = []
-    while not engine.done:
-        reports.append(engine.step())
-    return reports
-
-
-def roundtrip(state: dict) -> dict:
-    """Through torch.save/torch.load with weights_only, as a checkpoint file goes."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return toy_engine(CONFIG, "evolq", seed, evaluator, SIZES)
 
 
 def test_visits_blocks_last_to_first_and_counts_generations_and_evaluations():

@@ -3,7 +3,6 @@ model, exact resume between its screening and re-scoring generations, selectable
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -14,7 +13,9 @@ from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.multifidelity import MultiFidelity
-from evolq_pl.testing import ToyEvaluator
+from evolq_pl.testing import ToyEvaluator, toy_engine
+from evolq_pl.testing import run_search as run
+from evolq_pl.testing import through_checkpoint as roundtrip
 
 OPTIONS = {"screen": 6, "fraction": 0.25, "rescore": 2}  # ToyEvaluator: one of its 4 coordinate groups
 CONFIG = SearchConfig(num_cycles=4, num_passes=2, eps=2e-2, strategy_options=OPTIONS)
@@ -22,22 +23,7 @@ SIZES = (5, 3, 4)
 
 
 def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7) -> SearchEngine:
-    return SearchEngine(len(SIZES), [CONFIG.eps] * len(SIZES), CONFIG, "multifidelity", seed,
-                        evaluator=evaluator or ToyEvaluator())
-
-
-def run(engine: SearchEngine) -> list:
-    reports = []
-    while not engine.done:
-        reports.append(engine.step())
-    return reports
-
-
-def roundtrip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return toy_engine(CONFIG, "multifidelity", seed, evaluator, SIZES)
 
 
 def test_registered_and_selected_by_name():
