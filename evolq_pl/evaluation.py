@@ -28,9 +28,6 @@ class ClassifierEvaluation(LightningModule):
         self.val_top1 = accuracy(1)
         self.test_metrics: dict[str, float] = {}
 
-    def ensure_calibrated(self) -> None:
-        raise NotImplementedError
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         self.qmodel.check_input(x)
         if not self.hparams.eval_fp:

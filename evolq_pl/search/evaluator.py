@@ -62,12 +62,15 @@ class SuffixEvaluator:
 
     ``reduce_sum`` (e.g. Lightning's ``strategy.reduce(..., "sum")``) adds a tensor over all processes, so that
     every process, holding its own batches, gets the fitness of the whole calibration set; None for one process.
-    ``evaluate_many`` scores up to ``stack`` candidates in one pass over the cached inputs (1: one by one).
+    ``evaluate_many`` scores up to ``stack`` candidates in one pass over the cached inputs (1: one by one). By default
+    a CPU scores them one by one: stacking measured no faster there (one thread, DeiT-Tiny:
+    benchmarks/results/batched_speed_cpu_deit_tiny.json); other devices stack 8.
     """
 
     def __init__(self, qmodel: QuantizedModel, blocks: Sequence[SearchBlock], batches: list[torch.Tensor],
                  teachers: list[torch.Tensor], fitness_fn: FitnessFn, device: torch.device,
-                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, stack: int = 8) -> None:
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, stack: int | None = None) -> None:
+        stack = stack if stack is not None else 1 if torch.device(device).type == "cpu" else 8
         if stack < 1:
             raise ValueError(f"stack must be >= 1 candidate per pass, got {stack}")
         self.qmodel, self.batches, self.teachers, self.fitness_fn = qmodel, batches, teachers, fitness_fn
