@@ -154,7 +154,8 @@ class EvolQCLI(LightningCLI):
     # -- trainer: atomic checkpoint files, DDP without DistributedDataParallel ---------------------------------
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
+        init = self.config_init  # the subcommand's own config where there is one, as LightningCLI reads it
+        config = init.get(str(self.subcommand), init).get("trainer", {})
         if isinstance(self.model, EvolQModule) and config.get("max_epochs") is None:
             kwargs.setdefault("max_epochs", self.model.engine.num_visits)  # one epoch per block visit
         if getattr(self.datamodule, "heldout_size", None) == 0 and config.get("limit_val_batches") is None:
