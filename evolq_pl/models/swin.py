@@ -31,7 +31,7 @@ from torch import nn
 
 from evolq_pl.models.base import QuantizedModel, SearchBlock
 from evolq_pl.models.registry import register_family
-from evolq_pl.models.vit import act_quantizer, ptf_quantizer, qlinear
+from evolq_pl.models.vit import act_quantizer, add_mlp_half, ptf_quantizer, qlinear
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QSoftmax
 from evolq_pl.quant.quantizer import FakeQuantizer
@@ -86,15 +86,7 @@ class QSwinBlock(nn.Module):
         self.q_ln1 = act_quantizer(cfg, reuse_input=True)
         self.attn = QWindowAttention(block.attn, block.attn_mask, cfg)
         self.q_res1 = ptf_quantizer(cfg, dim, reuse_input=True)
-        self.norm2 = QIntLayerNorm.from_float(block.norm2, cfg.int_norm)
-        self.q_ln2 = act_quantizer(cfg, reuse_input=True)
-        self.fc1 = qlinear(block.mlp.fc1, cfg)
-        self.act = block.mlp.act
-        self.q_fc1 = act_quantizer(cfg, reuse_input=True)
-        self.mlp_norm = block.mlp.norm
-        self.fc2 = qlinear(block.mlp.fc2, cfg)
-        self.q_fc2 = act_quantizer(cfg, reuse_input=True)
-        self.q_out = ptf_quantizer(cfg, dim, reuse_input=True)
+        add_mlp_half(self, block, cfg, dim)
 
     def _windowed(self, x: torch.Tensor) -> torch.Tensor:
         """Attention over (shifted) windows of [B, H, W, C], as timm: cyclic shift, zero pad, partition, back."""

@@ -107,6 +107,22 @@ def _act_into(act: nn.Module, x: torch.Tensor, quantized: bool) -> torch.Tensor:
     return act(x)
 
 
+def add_mlp_half(module: nn.Module, block: nn.Module, cfg: QuantConfig, dim: int) -> None:
+    """The second half of a pre-norm block (ViT, Swin): integer LN, the MLP and the PTF-quantized residual sum.
+
+    Registered on ``module`` last and in this order, which the quantization map and the export record follow.
+    """
+    module.norm2 = QIntLayerNorm.from_float(block.norm2, cfg.int_norm)
+    module.q_ln2 = act_quantizer(cfg, reuse_input=True)
+    module.fc1 = qlinear(block.mlp.fc1, cfg)
+    module.act = block.mlp.act
+    module.q_fc1 = act_quantizer(cfg, reuse_input=True)
+    module.mlp_norm = block.mlp.norm
+    module.fc2 = qlinear(block.mlp.fc2, cfg)
+    module.q_fc2 = act_quantizer(cfg, reuse_input=True)
+    module.q_out = ptf_quantizer(cfg, dim, reuse_input=True)
+
+
 class QBlock(nn.Module):
     """Pre-norm transformer block; its last quantizer (``q_out``, PTF) feeds the next block's integer LN."""
 
@@ -120,15 +136,7 @@ class QBlock(nn.Module):
         self.attn = QAttention(block.attn, cfg)
         self.ls1, self.ls2 = block.ls1, block.ls2
         self.q_res1 = ptf_quantizer(cfg, dim, reuse_input=True)
-        self.norm2 = QIntLayerNorm.from_float(block.norm2, cfg.int_norm)
-        self.q_ln2 = act_quantizer(cfg, reuse_input=True)
-        self.fc1 = qlinear(block.mlp.fc1, cfg)
-        self.act = block.mlp.act
-        self.q_fc1 = act_quantizer(cfg, reuse_input=True)
-        self.mlp_norm = block.mlp.norm
-        self.fc2 = qlinear(block.mlp.fc2, cfg)
-        self.q_fc2 = act_quantizer(cfg, reuse_input=True)
-        self.q_out = ptf_quantizer(cfg, dim, reuse_input=True)
+        add_mlp_half(self, block, cfg, dim)
 
     def forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
         h = self.q_ln1(self.norm1(x, in_q, self.q_ln1))
