@@ -20,7 +20,8 @@ from typing import Any
 CANDIDATES = ("multifidelity", "cmaes")
 EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
          "eps=0.001 fused=true heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
-         "eps=0.003 fitness=kl fused=true heldout_size=5000": "evolq (KL, eps 3e-3)"}
+         "eps=0.003 fitness=kl fused=true heldout_size=5000": "evolq (KL, eps 3e-3)",
+         "fused=true heldout_size=5000": "evolq (paper: infoNCE, its eps for the width)"}
 
 
 def label(row: dict[str, Any]) -> str | None:
