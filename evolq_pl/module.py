@@ -135,7 +135,9 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
     @torch.no_grad()
     def on_fit_start(self) -> None:
         self.ensure_calibrated()
-        self.engine.evaluator = self.build_evaluator()
+        evaluator = self.build_evaluator()
+        self.check_resumed_teacher()  # the teacher id exists only now, once this run's teacher logits do
+        self.engine.evaluator = evaluator
 
     def on_train_start(self) -> None:
         run_checks.check_generations_per_epoch(self.trainer.num_training_batches, self.engine.config.num_cycles)

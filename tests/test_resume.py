@@ -78,3 +78,18 @@ def test_levit_resume_is_bitwise_identical(tmp_path):
     resumed, trainer = fit(tmp_path / "cut", ckpt, ckpt_path=str(tmp_path / "cut" / "last.ckpt"), **levit)
     assert trainer.global_step == 8 * 2
     assert all(torch.equal(a, b) for a, b in zip(scales(resumed), scales(ref), strict=True))
+
+
+def test_resuming_against_another_calibration_set_or_teacher_is_refused(tmp_path, tiny_vit_checkpoint):
+    """The settings may all match while the calibration images differ (another data folder): the teacher id, a
+    digest of the teacher's logits, tells them apart once they exist, before any generation runs."""
+    with pytest.raises(RuntimeError, match="pre-emption"):
+        fit(tmp_path, tiny_vit_checkpoint, callbacks=[Crash(2)])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved["evolq"]["teacher_id"] = "the logits of other calibration images"
+    torch.save(saved, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="checkpoint was searched with another calibration set or teacher "
+                                         r"\(the logits of other calibration images vs .+\): resume with the same "
+                                         "data and seed"):
+        fit(tmp_path / "resumed", tiny_vit_checkpoint, ckpt_path=str(tmp_path / "other.ckpt"))
+    assert not (tmp_path / "resumed" / "last.ckpt").exists()  # refused before a generation could checkpoint
