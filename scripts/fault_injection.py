@@ -325,9 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         proc = Search(search_args(weights, save_dir, opts) + ["--ckpt_path", "last"],
                       work / f"interrupted_{number}.log")
         watch = {"calibration": "fit", "mid-generation": "start", "held-out validation": "val"}.get(aim, "end")
-        if aim == "start-up":  # importing, building or restoring: at the first stamp at the latest, which a fast
-            with contextlib.suppress(queue.Empty):  # machine reaches in seconds (a fixed sleep could outlast the
-                proc.next_stamp(timeout=rnd.uniform(1.0, 10.0))  # whole resumed search)
+        if aim == "start-up":
+            # importing, building or restoring: at the first stamp at the latest, which a fast machine reaches in
+            # seconds (a fixed sleep could outlast the whole resumed search)
+            with contextlib.suppress(queue.Empty):
+                proc.next_stamp(timeout=rnd.uniform(1.0, 10.0))
         else:
             while True:
                 kind, step = proc.next_stamp(timeout=opts.timeout)
