@@ -6,7 +6,8 @@
 Calibration and search use ``calib_size`` images drawn from the 60k train split with the run's seed; the 10k test
 split is read only to report numbers, after the search (nothing is selected on it). Per run it reports test top-1,
 top-1 agreement with the FP model, KL(FP || quantized) on the test set, the calibration fitness before and after
-the search, and wall times.
+the search, and wall times. ``--heldout-only`` reads no test image at all: it reports held-out top-1 only, for
+exploring settings before a candidate list is pre-registered.
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     device = torch.device(args.device)
     module, data = load_reference(ckpt, w_bits, a_bits, seed, args, heldout_size=args.heldout_size,
                                   num_passes=args.passes, **module_overrides(args.set))
-    fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
+    test = not args.heldout_only  # exploring settings before a pre-registration reads no test image
+    if test:
+        fp_logits, labels = test_logits(module, data.test_dataloader(), device, fp=True)
     heldout = args.heldout_size > 0  # train images outside calibration: what a user may select on
     if heldout:
         fp_heldout, heldout_labels = test_logits(module, data.val_dataloader(), device, fp=True)
     started = time.perf_counter()
     calibrate(module.qmodel, data.calib_dataloader(), fit_on=module.qconfig.fit_on, device=device)
     calib_s = time.perf_counter() - started
-    baseline = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+    baseline = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels) if test else None
     if heldout:
         baseline_heldout = compare(test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)
 
@@ -106,21 +109,22 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
                       limit_val_batches=1.0 if module.hparams.selection == "heldout" else 0)
     trainer.fit(module, datamodule=data)  # already calibrated: fit goes straight to the search
     search_s = time.perf_counter() - started
-    searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)
+    searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels) if test else None
     extra: dict[str, Any] = {"strategy": module.hparams.strategy, "evaluations": module.engine.state.evaluations}
-    if snapshots:  # test top-1 along the search (reported only: the search and every choice are already made)
+    if snapshots and test:  # test top-1 along the search (reported only: the search and every choice are already made)
         extra["curve"] = [{"visit": 0, "evaluations": 1, "top1": baseline["top1"]}]
         for visit, evaluations, snapshot in snapshots.taken:
             with module.engine.applied(snapshot):
                 top1 = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)["top1"]
             extra["curve"].append({"visit": visit, "evaluations": evaluations, "top1": top1})
     if heldout:
-        extra["heldout"] = {"baseline": baseline_heldout, "evolq": compare(
+        extra["heldout"] = {"fp": compare(fp_heldout, fp_heldout, heldout_labels), "baseline": baseline_heldout,
+                            "evolq": compare(
             test_logits(module, data.val_dataloader(), device)[0], fp_heldout, heldout_labels)}
     return {"checkpoint": Path(ckpt).name, "model": module.hparams.model_name, "w_bits": w_bits,
             "a_bits": a_bits, "seed": seed, "passes": args.passes, "calib_size": args.calib_size,
             "settings": settings_key(args),
-            "fp": compare(fp_logits, fp_logits, labels), "baseline": baseline, "evolq": searched,
+            "fp": compare(fp_logits, fp_logits, labels) if test else None, "baseline": baseline, "evolq": searched,
             "fitness_before": module.baseline_fitness, "fitness_after": module.current_fitness,
             "calib_s": calib_s, "search_s": search_s,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -248,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also record the test top-1 at about N points along the search (after every "
                              "visits/N-th block visit), for the gap-recovered-against-evaluations plot")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
+    parser.add_argument("--heldout-only", action="store_true",
+                        help="read no test image: report held-out top-1 only (to explore settings before committing "
+                             "a pre-registration); needs --heldout-size")
     parser.add_argument("--report", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args(argv)
     if args.report:
@@ -255,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--report: {args.out} does not exist; run the benchmark first or pass --out FILE")
         report(json.loads(Path(args.out).read_text()))
         return
+    if args.heldout_only and args.heldout_size <= 0:
+        parser.error("--heldout-only needs held-out images: give --heldout-size N (e.g. 5000)")
     if not args.checkpoints:
         parser.error("--checkpoints is required (e.g. checkpoints/levit_fmnist.pth), unless --report")
     rows: list[dict[str, Any]] = []
@@ -275,13 +284,26 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rows, indent=1) + "\n")
-                print(f"{row['checkpoint']} W{w_bits}A{a_bits} seed {seed}: FP {row['fp']['top1']:.2f} "
-                      f"baseline {row['baseline']['top1']:.2f} Evol-Q {row['evolq']['top1']:.2f} "
+                scores = row if row["evolq"] is not None else row["heldout"]
+                print(f"{row['checkpoint']} W{w_bits}A{a_bits} seed {seed}: "
+                      + ("held-out " if row["evolq"] is None else f"FP {row['fp']['top1']:.2f} ")
+                      + f"baseline {scores['baseline']['top1']:.2f} Evol-Q {scores['evolq']['top1']:.2f} "
                       f"({row['search_s']:.0f} s search)", flush=True)
     report(rows)
 
 
 def report(rows: list[dict[str, Any]]) -> None:
+    explored = [r for r in rows if r["evolq"] is None]
+    if explored:  # held-out-only rows: no test number exists to tabulate
+        print("held-out only (no test image read):")
+        for r in explored:
+            h = r["heldout"]
+            print(f"  {r['checkpoint']} W{r['w_bits']}A{r['a_bits']} seed {r['seed']} {r['passes']} passes "
+                  f"{r.get('settings', '')}: " + (f"FP {h['fp']['top1']:.2f}, " if "fp" in h else "")
+                  + f"{h['baseline']['top1']:.2f} -> {h['evolq']['top1']:.2f}")
+        rows = [r for r in rows if r["evolq"] is not None]
+        if not rows:
+            return
     print(table(rows))
     chosen = selection(rows)
     if chosen:

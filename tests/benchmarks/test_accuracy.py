@@ -88,3 +88,26 @@ def test_heldout_rows_report_heldout_top1_and_the_pick(tiny_vit_checkpoint, tmp_
     printed = capsys.readouterr().out
     assert "Chosen on held-out train images" in printed and "| eps=0.003 heldout_size=200" not in printed
     assert "1 passes, 100 images eps=0.003 heldout_size=200 |" in printed.split("Chosen")[1]
+
+
+@pytest.mark.slow
+def test_heldout_only_rows_never_open_the_test_split(tiny_vit_checkpoint, tmp_path, capsys, monkeypatch):
+    """Exploring settings before a pre-registration: the search and the held-out scores run, the test split is
+    never asked for (its loader raises here), and the report lists the row without a test number."""
+    from evolq_pl.data import FashionMNISTDataModule
+
+    def no_test(self):
+        raise AssertionError("the test split was read")
+
+    monkeypatch.setattr(FashionMNISTDataModule, "test_dataloader", no_test)
+    out = tmp_path / "explore.json"
+    main(["--checkpoints", tiny_vit_checkpoint, "--bits", "3:8", "--seeds", "0", "--passes", "1", "--calib-size",
+          "100", "--heldout-size", "200", "--heldout-only", "--device", "cpu", "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["fp"] is row["baseline"] is row["evolq"] is None and "curve" not in row
+    assert row["fitness_after"] <= row["fitness_before"] and 0.0 <= row["heldout"]["evolq"]["top1"] <= 100.0
+    assert row["heldout"]["fp"]["top1"] > 0 and row["heldout"]["fp"]["agree_fp"] == 100.0
+    assert "held-out only (no test image read)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--checkpoints", tiny_vit_checkpoint, "--heldout-only", "--out", str(tmp_path / "x.json")])
+    assert "--heldout-only needs held-out images" in capsys.readouterr().err
