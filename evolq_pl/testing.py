@@ -75,7 +75,9 @@ class ToyEvaluator:
     """A search engine ``Evaluator`` over plain vectors: blocks of scales (all 1 at first) whose fitness is their
     squared distance to a random target (lower is better). Evaluation ``k`` (1-based) returns nan if ``k`` is in
     ``poison``; scoring a block the engine has not started fails. Its "calibration set" is the coordinates in
-    ``batches`` groups (i mod batches): scoring on a share of it sums the first groups only."""
+    ``batches`` groups (i mod batches): scoring on a share of it sums the first groups only. Its per-coordinate
+    ``local_errors`` measure the distance to a slightly different target, as a layer's error only proxies the
+    model's."""
 
     batches = 4
 
@@ -83,6 +85,7 @@ class ToyEvaluator:
         gen = torch.Generator().manual_seed(seed)
         self.scales = [torch.ones(n) for n in sizes]
         self.targets = [1 + 0.1 * torch.randn(n, generator=gen) for n in sizes]
+        self.local_targets = [t + 0.02 * torch.randn(len(t), generator=gen) for t in self.targets]
         self.started: list[int] = []
         self.ended: list[int] = []
         self.prepared: int | None = None
@@ -115,6 +118,12 @@ class ToyEvaluator:
             self.evaluate(block, c)
             out.append(math.nan if self.calls in self.poison else self.fitness(groups))
         return out
+
+    def local_errors(self, block: int, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.prepared != block:
+            raise AssertionError(f"block {block} screened, but the engine started {self.prepared}")
+        target = self.local_targets[block].double()
+        return torch.stack([(c.double() - target) ** 2 for c in candidates])
 
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         if self.prepared != block:

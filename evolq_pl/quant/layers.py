@@ -65,14 +65,20 @@ class _QWeight:
         if cached and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.inference_mode(False), torch.no_grad():
-            w = self.weight.detach().float()
-            w_hat = F.fake_quantize(w, q.scale, q.zero_point, q.bit_type, dim=0)
-            if self.bias_correction:
-                w_hat = F.bias_correct(w_hat, w)
-            w_hat = w_hat.to(self.weight.dtype)
+            w_hat = self.weight_for_scale(q.scale).to(self.weight.dtype)
         if cached:
             self._cache = (key, w_hat)
         return w_hat
+
+    @torch.no_grad()
+    def weight_for_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """The float32 weight the layer would compute with under per-channel ``scale`` (its own zero points and
+        bias correction), without writing ``scale``: how a search weighs a candidate layer by layer."""
+        q = self.weight_quantizer
+        w = self.weight.detach().float()
+        w_hat = F.fake_quantize(w, scale.to(w.device, torch.float32).reshape(q.scale.shape), q.zero_point,
+                                q.bit_type, dim=0)
+        return F.bias_correct(w_hat, w) if self.bias_correction else w_hat
 
     def compute_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias for an input ``x``, in the dtype the op computes in.

@@ -8,6 +8,7 @@ scale vector) and calls :meth:`SearchEngine.step` once per generation; everythin
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,10 @@ class BatchEvaluator(Evaluator, Protocol):
 
     def calibration_share(self, fraction: float) -> float:
         """The share of the calibration set that ``evaluate_many(..., fraction)`` actually scores on."""
+
+    def local_errors(self, block: int, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Optional: each candidate's block-local error per scale, ``(len(candidates), numel)``, lower is better;
+        cheap, and not a fitness evaluation (the engine hands it to the strategy as ``local_errors``)."""
 
 
 class NonFiniteBaseline(RuntimeError):
@@ -246,6 +251,8 @@ class SearchEngine:
             self._prepared = s.visit
         block = self.schedule[s.visit]
         started = time.perf_counter()
+        local = getattr(evaluator, "local_errors", None)
+        s.strategy.local_errors = None if local is None else functools.partial(local, block)
         candidates = s.strategy.ask(s.rng)
         fitnesses = self._score_all(block, candidates, s.strategy.fidelity())
         kept = s.strategy.tell(candidates, fitnesses)

@@ -7,7 +7,7 @@ a candidate then costs only the rest of the model (``forward_from``), scored aga
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.nn.functional as TF
@@ -57,6 +57,10 @@ def per_candidate_weights(layers: Sequence[QLinear],
             del layer.forward
 
 
+class _BlockDone(Exception):
+    """Raised by a forward hook to stop a forward once the searched block's layers have all run."""
+
+
 class SuffixEvaluator:
     """Scores search block ``b``'s scales as the mean fitness over this process's calibration batches.
 
@@ -77,13 +81,67 @@ class SuffixEvaluator:
         self.device, self.reduce_sum, self.stack = device, reduce_sum, stack
         self.scales = [ScaleVector(block.layers) for block in blocks]
         self._inputs: list[torch.Tensor] = []
+        self._moments: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def start_block(self, block: int) -> None:
         self._inputs = [self.qmodel.forward_to(block, x) for x in self.batches]
 
     def end_block(self, block: int) -> None:
-        self._inputs = []
+        self._inputs, self._moments = [], None
+
+    @torch.no_grad()
+    def _input_moments(self, block: int) -> list[torch.Tensor]:
+        """Per searched layer, the sum over calibration tokens of x xᵀ of its input x (over all processes), with the
+        model as it stands: one forward over the cached inputs that stops once every searched layer has run."""
+        layers = self.scales[block].layers
+        if not all(isinstance(layer, QLinear) for layer in layers):
+            raise TypeError("layer-local errors need Linear layers; this block has "
+                            + ", ".join(sorted({type(layer).__name__ for layer in layers})))
+        moments = [torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=self.device)
+                   for layer in layers]
+        seen: set[int] = set()
+
+        def record(j: int):
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                moments[j] += x.T @ x
+                seen.add(j)
+                if len(seen) == len(layers):
+                    raise _BlockDone
+            return hook
+
+        handles = [layer.register_forward_hook(record(j)) for j, layer in enumerate(layers)]
+        try:
+            for hidden in self._inputs:
+                seen.clear()
+                with suppress(_BlockDone):
+                    self.qmodel.forward_from(block, hidden)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [m if self.reduce_sum is None else self.reduce_sum(m) for m in moments]
+
+    @torch.no_grad()
+    def local_errors(self, block: int, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each candidate's error per scale: ‖X(ŵ_c − w_c)‖² summed over the calibration tokens X entering the
+        channel's layer, where ŵ_c is output channel c's weight quantized with that scale and w_c its FP weight.
+
+        A channel's output depends on its own scale only, so the errors are separable, and scoring one costs a
+        small matrix product instead of a pass over the model (``(len(candidates), numel)``, float64).
+        """
+        if self._moments is None:
+            self._moments = self._input_moments(block)
+        vector = self.scales[block]
+        out = torch.empty(len(candidates), vector.numel, dtype=torch.float64)
+        for i, scales in enumerate(candidates):
+            chunks = torch.split(scales.reshape(-1), vector.sizes)
+            row = []
+            for layer, moment, chunk in zip(vector.layers, self._moments, chunks, strict=True):
+                diff = (layer.weight_for_scale(chunk) - layer.weight.detach().float()).double()
+                row.append(((diff @ moment) * diff).sum(dim=1).cpu())
+            out[i] = torch.cat(row)
+        return out
 
     def fitness(self, block: int) -> float:
         """Mean fitness of the model as it stands, from the inputs cached for ``block``."""

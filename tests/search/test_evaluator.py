@@ -97,3 +97,32 @@ def test_batched_evaluation_leaves_the_layers_as_they_were(evaluator):
     assert all("forward" not in vars(layer) for layer in layers)
     x = evaluator._inputs[0]
     assert torch.equal(evaluator.qmodel.forward_from(block, x), evaluator.qmodel.forward_from(block, x.clone()))
+
+
+def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evaluator):
+    """For every searched layer of the block: ‖x ŵ_cᵀ − x w_cᵀ‖² over the calibration tokens x that reach the layer
+    with the model as it stands, per output channel c, ŵ_c quantized with the candidate's scale."""
+    block = len(evaluator.scales) - 1
+    evaluator.start_block(block)
+    layers, current = evaluator.scales[block].layers, evaluator.get(block)
+    inputs: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(layers))}
+    handles = [layer.register_forward_hook(lambda m, a, o, j=j: inputs[j].append(a[0].detach()))
+               for j, layer in enumerate(layers)]
+    with torch.no_grad():
+        for x in evaluator.batches:
+            evaluator.qmodel(x)
+    for h in handles:
+        h.remove()
+    cands = candidates(evaluator, block, 2)
+    errors = evaluator.local_errors(block, cands)
+    assert errors.shape == (2, current.numel()) and torch.equal(evaluator.get(block), current)  # nothing written
+    for i, cand in enumerate(cands):
+        expected = []
+        evaluator.apply(block, cand)
+        for j, layer in enumerate(layers):
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[j]]).double()
+            with torch.no_grad():
+                diff = layer(x.float()).double() - nn.functional.linear(x, layer.weight.double(), layer.bias.double())
+            expected.append((diff ** 2).sum(dim=0))
+        torch.testing.assert_close(errors[i], torch.cat(expected), rtol=1e-3, atol=1e-7)  # float32 layer outputs
+    evaluator.end_block(block)

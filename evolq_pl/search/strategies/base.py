@@ -6,6 +6,7 @@ import importlib
 import math
 import pkgutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +29,9 @@ class Strategy(ABC):
     """The registry name (``strategy: <name>`` in a config); subclasses without one are not selectable."""
     options: ClassVar[dict[str, Any]] = {}
     """The ``strategy_options`` this strategy understands, with their defaults."""
+    local_errors: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    """Set by the engine before each ``ask`` where the evaluator offers it: candidates -> their per-scale block-local
+    error (``BatchEvaluator.local_errors`` for the block being visited). Not state: the engine sets it again."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,88 @@
+"""Layer-local screening: ``strategy: localscreen``.
+
+The paper's mutation moves every scale of a block at once, so whether one step helps is decided for all of them
+together, and most of what a step could gain is lost to the scales it moved the wrong way. A weight scale is per
+output channel, and a channel's output depends on its own scale only, so the error of a layer's output against its
+FP output (``local_errors``: cheap, no pass over the model) can be minimised for every scale separately: each
+candidate takes, scale by scale, the value with the lowest local error among the current one and ``screen`` of the
+paper's random mutations. The global fitness decides: each visit scores ``candidates`` such recombinations on the
+whole calibration set (3, the paper's budget per visit, at ``num_cycles: 1``) and keeps the best only if it beats
+the block's current fitness.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from evolq_pl.search.evolution import mutate
+from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.strategies.base import Strategy, keep_improvements
+
+
+class LocalScreen(Strategy):
+    """Per candidate, ``screen`` mutations of the best scales recombined scale by scale by their layer-local error."""
+
+    name = "localscreen"
+    options = {"screen": 16, "candidates": 3}
+    """``screen``: mutations drawn per candidate, each scale choosing among them and its current value;
+    ``candidates``: recombinations scored on the whole calibration set per generation."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        super().__init__(config)
+        for key in ("screen", "candidates"):
+            value = self.option(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"localscreen {key} must be an integer >= 1, got {value!r}")
+        if config.num_cycles != 1:
+            raise ValueError(f"localscreen reads the layers' inputs once per visit, so num_cycles must be 1 (one "
+                             f"generation of {self.option('candidates')} candidates), got {config.num_cycles}")
+        self.best_scales: torch.Tensor | None = None
+        self.best_fitness = math.inf
+        self.eps: float | None = None
+        self.screened = 0
+
+    def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
+        self.best_scales, self.best_fitness, self.eps = scales.detach().clone(), float(fitness), eps
+
+    def _best(self) -> torch.Tensor:
+        if self.best_scales is None:
+            raise RuntimeError("the strategy has no visit in progress: call start_visit first")
+        return self.best_scales
+
+    def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
+        best = self._best()
+        if self.local_errors is None:
+            raise RuntimeError("localscreen needs an evaluator with local_errors (SuffixEvaluator has it)")
+        out = []
+        for _ in range(self.option("candidates")):
+            pool = [best] + [mutate(best, self.eps, rng, self.config.relative_mutation)
+                             for _ in range(self.option("screen"))]
+            errors = self.local_errors(pool)
+            choice = errors.argmin(dim=0)  # per scale; the current value (row 0) wins a tie
+            out.append(torch.stack(pool).gather(0, choice.unsqueeze(0).to(best.device)).squeeze(0))
+            self.screened += len(pool) - 1
+        return out
+
+    def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
+        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
+                                                                        candidates, fitnesses)
+        return kept
+
+    def best(self) -> tuple[torch.Tensor, float]:
+        return self._best(), self.best_fitness
+
+    def stats(self) -> dict[str, float]:
+        return {"local_screened": float(self.screened)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_scales": None if self.best_scales is None else self.best_scales.clone(),
+                "best_fitness": self.best_fitness, "eps": self.eps, "screened": self.screened}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best = state["best_scales"]
+        self.best_scales = None if best is None else best.clone()
+        self.best_fitness, self.eps, self.screened = float(state["best_fitness"]), state["eps"], int(state["screened"])
