@@ -33,6 +33,9 @@ class CalibratedTeacher(LightningModule):
             self.qmodel.check_input(self._calib[0])
         return self._calib
 
+    def _calibration_images(self) -> int:
+        return sum(len(b) for b in self._calibration())
+
     def ensure_calibrated(self) -> None:
         """Calibrate unless a checkpoint already brought calibrated quantizers; either way switch them on."""
         self.take_selection()
@@ -42,7 +45,7 @@ class CalibratedTeacher(LightningModule):
             return
         started = time.perf_counter()
         calibrate(self.qmodel, self._calibration(), fit_on=self.qconfig.fit_on, device=self.device)
-        rank_zero_info(f"calibrated {self.hparams.model_name} on {sum(len(b) for b in self._calib)} images "
+        rank_zero_info(f"calibrated {self.hparams.model_name} on {self._calibration_images()} images "
                        f"in {time.perf_counter() - started:.1f} s")
 
     @torch.no_grad()
@@ -55,6 +58,6 @@ class CalibratedTeacher(LightningModule):
         with quantization_disabled(self.qmodel, keep_int_norm=self.hparams.teacher == "int_ln"):
             teachers = [self.qmodel(x).float() for x in shard]
         reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
-        self.teacher_id = run_checks.teacher_id(teachers, sum(len(b) for b in self._calib), reduce, self.device)
+        self.teacher_id = run_checks.teacher_id(teachers, self._calibration_images(), reduce, self.device)
         return SuffixEvaluator(self.qmodel, self.blocks, shard, teachers, self.fitness_fn, self.device,
                                None if world == 1 else reduce)
