@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -172,6 +172,26 @@ def run_search(engine: SearchEngine) -> list:
     while not engine.done:
         reports.append(engine.step())
     return reports
+
+
+def interrupt_and_resume(make_engine: Callable[..., SearchEngine], stop_after: int,
+                         ) -> tuple[SearchEngine, list, SearchEngine, list]:
+    """An uninterrupted search and one stopped after ``stop_after`` generations, its state taken through a checkpoint
+    and resumed by a new engine of another seed over a new evaluator holding the stopped one's scales (as the model's
+    quantizer buffers bring them back). ``make_engine(evaluator, seed=...)`` builds an engine; returns (reference,
+    its reports, resumed engine, the reports before and after the stop)."""
+    reference = make_engine()
+    ref_reports = run_search(reference)
+    first = make_engine()
+    done = [first.step() for _ in range(stop_after)]
+    scales = [first.evaluator.get(b) for b in range(len(first.evaluator.scales))]
+    state = through_checkpoint(first.state_dict())
+    evaluator = ToyEvaluator([len(values) for values in scales])
+    for block, values in enumerate(scales):
+        evaluator.apply(block, values)
+    resumed = make_engine(evaluator, seed=123)  # another seed: everything must come from the checkpoint
+    resumed.load_state_dict(state)
+    return reference, ref_reports, resumed, done + run_search(resumed)
 
 
 def through_checkpoint(state: dict) -> dict:

@@ -14,9 +14,8 @@ from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.cmaes import CMAES, dump_es, load_es
-from evolq_pl.testing import ToyEvaluator, toy_engine
+from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
 from evolq_pl.testing import run_search as run
-from evolq_pl.testing import through_checkpoint as roundtrip
 
 CONFIG = SearchConfig(num_cycles=3, num_passes=2, eps=2e-2, strategy_options={"popsize": 4, "sigma": 0.05,
                                                                                 "diagonal_above": 4})
@@ -60,21 +59,10 @@ def test_candidates_come_from_the_engines_generator_only():
 
 @pytest.mark.parametrize("stop_after", [1, 2, 3, 8])  # inside a visit (twice), at a visit's end, a later visit
 def test_save_and_restore_mid_visit_continues_exactly(stop_after):
-    reference = make_engine()
-    ref_reports = run(reference)
-
-    first = make_engine()
-    done = [first.step() for _ in range(stop_after)]
-    state, scales = roundtrip(first.state_dict()), [first.evaluator.get(b) for b in range(len(SIZES))]
-    evaluator = ToyEvaluator()
-    for block, s in enumerate(scales):
-        evaluator.apply(block, s)
-    resumed = make_engine(evaluator, seed=123)  # another seed: everything must come from the checkpoint
-    resumed.load_state_dict(state)
-    reports = done + run(resumed)
+    reference, ref_reports, resumed, reports = interrupt_and_resume(make_engine, stop_after)
 
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
-    assert all(torch.equal(evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
+    assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     a, b = resumed.state_dict(), reference.state_dict()
     es_a, es_b = a["strategy"].pop("es"), b["strategy"].pop("es")
     assert same_state(a, b)

@@ -11,9 +11,7 @@ from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.localscreen import LocalScreen
-from evolq_pl.testing import ToyEvaluator, toy_engine
-from evolq_pl.testing import run_search as run
-from evolq_pl.testing import through_checkpoint as roundtrip
+from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
 
 CONFIG = SearchConfig(num_cycles=1, num_passes=3, eps=2e-2, strategy_options={"screen": 5, "candidates": 3})
 SIZES = (5, 3, 4)
@@ -62,19 +60,9 @@ def test_candidates_are_locally_no_worse_scale_by_scale_and_only_full_scores_dec
 
 @pytest.mark.parametrize("stop_after", [1, 4, 7])
 def test_save_and_restore_continues_exactly(stop_after):
-    reference = make_engine()
-    ref_reports = run(reference)
-    first = make_engine()
-    done = [first.step() for _ in range(stop_after)]
-    state, scales = roundtrip(first.state_dict()), [first.evaluator.get(b) for b in range(len(SIZES))]
-    evaluator = ToyEvaluator()
-    for block, s in enumerate(scales):
-        evaluator.apply(block, s)
-    resumed = make_engine(evaluator, seed=123)
-    resumed.load_state_dict(state)
-    reports = done + run(resumed)
+    reference, ref_reports, resumed, reports = interrupt_and_resume(make_engine, stop_after)
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
-    assert all(torch.equal(evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
+    assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     assert same_state(resumed.state_dict(), reference.state_dict())
 
 

@@ -13,9 +13,8 @@ from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.multifidelity import MultiFidelity
-from evolq_pl.testing import ToyEvaluator, toy_engine
+from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
 from evolq_pl.testing import run_search as run
-from evolq_pl.testing import through_checkpoint as roundtrip
 
 OPTIONS = {"screen": 6, "fraction": 0.25, "rescore": 2}  # ToyEvaluator: one of its 4 coordinate groups
 CONFIG = SearchConfig(num_cycles=4, num_passes=2, eps=2e-2, strategy_options=OPTIONS)
@@ -48,19 +47,9 @@ def test_screens_on_a_share_rescores_on_all_and_counts_each_at_its_cost():
 
 @pytest.mark.parametrize("stop_after", [1, 2, 3, 9])  # after a screen, a round, a screen in a visit, a later one
 def test_save_and_restore_between_screen_and_rescore_continues_exactly(stop_after):
-    reference = make_engine()
-    ref_reports = run(reference)
-    first = make_engine()
-    done = [first.step() for _ in range(stop_after)]
-    state, scales = roundtrip(first.state_dict()), [first.evaluator.get(b) for b in range(len(SIZES))]
-    evaluator = ToyEvaluator()
-    for block, s in enumerate(scales):
-        evaluator.apply(block, s)
-    resumed = make_engine(evaluator, seed=123)
-    resumed.load_state_dict(state)
-    reports = done + run(resumed)
+    reference, ref_reports, resumed, reports = interrupt_and_resume(make_engine, stop_after)
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
-    assert all(torch.equal(evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
+    assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     assert same_state(resumed.state_dict(), reference.state_dict())
 
 

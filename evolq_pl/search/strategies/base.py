@@ -100,6 +100,43 @@ def keep_improvements(best: tuple[torch.Tensor | None, float], candidates: list[
     return best, kept
 
 
+class KeepsBest(Strategy, ABC):
+    """A strategy that proposes around the block's best scales of the visit and keeps a candidate only when its
+    full-set fitness beats them: the state such strategies share (the best so far and the visit's eps)."""
+
+    def __init__(self, config: SearchConfig) -> None:
+        super().__init__(config)
+        self.best_scales: torch.Tensor | None = None
+        self.best_fitness = math.inf
+        self.eps: float | None = None
+
+    def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
+        self.best_scales, self.best_fitness, self.eps = scales.detach().clone(), float(fitness), eps
+
+    def _best(self) -> torch.Tensor:
+        if self.best_scales is None:
+            raise RuntimeError("the strategy has no visit in progress: call start_visit first")
+        return self.best_scales
+
+    def keep(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
+        """Take the best finite candidate that beats the best so far; which one was kept."""
+        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
+                                                                        candidates, fitnesses)
+        return kept
+
+    def best(self) -> tuple[torch.Tensor, float]:
+        return self._best(), self.best_fitness
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_scales": None if self.best_scales is None else self.best_scales.clone(),
+                "best_fitness": self.best_fitness, "eps": self.eps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best = state["best_scales"]
+        self.best_scales = None if best is None else best.clone()
+        self.best_fitness, self.eps = float(state["best_fitness"]), state["eps"]
+
+
 def _discover() -> None:
     """Import every module of this package, so that each strategy file registers its class."""
     package = importlib.import_module(__package__)

@@ -12,7 +12,6 @@ the block's current fitness.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -20,10 +19,10 @@ import torch
 
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig
-from evolq_pl.search.strategies.base import Strategy, keep_improvements
+from evolq_pl.search.strategies.base import KeepsBest
 
 
-class LocalScreen(Strategy):
+class LocalScreen(KeepsBest):
     """Per candidate, ``screen`` mutations of the best scales recombined scale by scale by their layer-local error."""
 
     name = "localscreen"
@@ -40,18 +39,7 @@ class LocalScreen(Strategy):
         if config.num_cycles != 1:
             raise ValueError(f"localscreen reads the layers' inputs once per visit, so num_cycles must be 1 (one "
                              f"generation of {self.option('candidates')} candidates), got {config.num_cycles}")
-        self.best_scales: torch.Tensor | None = None
-        self.best_fitness = math.inf
-        self.eps: float | None = None
         self.screened = 0
-
-    def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
-        self.best_scales, self.best_fitness, self.eps = scales.detach().clone(), float(fitness), eps
-
-    def _best(self) -> torch.Tensor:
-        if self.best_scales is None:
-            raise RuntimeError("the strategy has no visit in progress: call start_visit first")
-        return self.best_scales
 
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         best = self._best()
@@ -68,21 +56,14 @@ class LocalScreen(Strategy):
         return out
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
-        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
-                                                                        candidates, fitnesses)
-        return kept
-
-    def best(self) -> tuple[torch.Tensor, float]:
-        return self._best(), self.best_fitness
+        return self.keep(candidates, fitnesses)
 
     def stats(self) -> dict[str, float]:
         return {"local_screened": float(self.screened)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_scales": None if self.best_scales is None else self.best_scales.clone(),
-                "best_fitness": self.best_fitness, "eps": self.eps, "screened": self.screened}
+        return {**super().state_dict(), "screened": self.screened}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        best = state["best_scales"]
-        self.best_scales = None if best is None else best.clone()
-        self.best_fitness, self.eps, self.screened = float(state["best_fitness"]), state["eps"], int(state["screened"])
+        super().load_state_dict(state)
+        self.screened = int(state["screened"])

@@ -19,10 +19,10 @@ import torch
 
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig
-from evolq_pl.search.strategies.base import Strategy, keep_improvements
+from evolq_pl.search.strategies.base import KeepsBest
 
 
-class MultiFidelity(Strategy):
+class MultiFidelity(KeepsBest):
     """Screen many mutations of the best scales on a few batches, re-score the best few on all, keep the best."""
 
     name = "multifidelity"
@@ -43,21 +43,13 @@ class MultiFidelity(Strategy):
         if config.num_cycles % 2:
             raise ValueError(f"multifidelity alternates a screening and a re-scoring generation, so num_cycles must be "
                              f"even, got {config.num_cycles}; give num_cycles: 2 for one round per visit")
-        self.best_scales: torch.Tensor | None = None
-        self.best_fitness = math.inf
-        self.eps: float | None = None
         self.shortlist: list[torch.Tensor] = []
         self.screening = True
         """Whether the last ``ask`` (or the next, between generations) is a screening one."""
 
     def start_visit(self, scales: torch.Tensor, fitness: float, eps: float, rng: np.random.Generator) -> None:
-        self.best_scales, self.best_fitness, self.eps = scales.detach().clone(), float(fitness), eps
+        super().start_visit(scales, fitness, eps, rng)
         self.shortlist, self.screening = [], True
-
-    def _best(self) -> torch.Tensor:
-        if self.best_scales is None:
-            raise RuntimeError("the strategy has no visit in progress: call start_visit first")
-        return self.best_scales
 
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         best = self._best()
@@ -75,23 +67,14 @@ class MultiFidelity(Strategy):
             self.shortlist = [candidates[i] for _, i in order[:self.option("rescore")]]
             return [False] * len(candidates)
         self.shortlist = []
-        (self.best_scales, self.best_fitness), kept = keep_improvements((self.best_scales, self.best_fitness),
-                                                                        candidates, fitnesses)
-        return kept
-
-    def best(self) -> tuple[torch.Tensor, float]:
-        return self._best(), self.best_fitness
+        return self.keep(candidates, fitnesses)
 
     def stats(self) -> dict[str, float]:
         return {"screening": float(self.screening)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_scales": None if self.best_scales is None else self.best_scales.clone(),
-                "best_fitness": self.best_fitness, "eps": self.eps,
-                "shortlist": [c.clone() for c in self.shortlist], "screening": self.screening}
+        return {**super().state_dict(), "shortlist": [c.clone() for c in self.shortlist], "screening": self.screening}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        best = state["best_scales"]
-        self.best_scales = None if best is None else best.clone()
-        self.best_fitness, self.eps = float(state["best_fitness"]), state["eps"]
+        super().load_state_dict(state)
         self.shortlist, self.screening = [c.clone() for c in state["shortlist"]], bool(state["screening"])
