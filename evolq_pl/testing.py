@@ -194,6 +194,21 @@ def interrupt_and_resume(make_engine: Callable[..., SearchEngine], stop_after: i
     return reference, ref_reports, resumed, done + run_search(resumed)
 
 
+def fit_with_strategy(checkpoint: str, save_dir: str | Path, strategy: str, options: str, num_cycles: int,
+                      batch_size: int):
+    """``cli.py fit`` of the tiny ViT at ``checkpoint`` (W3A8, one pass) searched by ``strategy`` with its
+    ``strategy_options`` (a YAML mapping), on 64 DemoDataModule calibration images in batches of ``batch_size``, no
+    held-out split, on the CPU; returns the CLI object."""
+    from evolq_pl.cli import cli_main  # here, so that importing the test helpers does not build the CLI
+
+    return cli_main(["fit", "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path", checkpoint,
+                     "--model.w_bits", "3", "--model.num_passes", "1", "--model.num_cycles", str(num_cycles),
+                     "--model.strategy", strategy, "--model.strategy_options", options,
+                     "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64", "--data.heldout_size", "0",
+                     "--data.batch_size", str(batch_size), "--trainer.accelerator", "cpu",
+                     "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(save_dir)])
+
+
 def through_checkpoint(state: dict) -> dict:
     """``state`` through torch.save/torch.load with weights_only, as a checkpoint file takes it."""
     buffer = io.BytesIO()

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cli import cli_main
 from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.cmaes import CMAES, dump_es, load_es
-from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
+from evolq_pl.testing import ToyEvaluator, fit_with_strategy, interrupt_and_resume, toy_engine
 from evolq_pl.testing import run_search as run
 
 CONFIG = SearchConfig(num_cycles=3, num_passes=2, eps=2e-2, strategy_options={"popsize": 4, "sigma": 0.05,
@@ -95,12 +94,8 @@ def test_bad_options_say_what_to_fix():
 
 
 def test_a_config_selects_cmaes_through_the_cli(tmp_path, tiny_vit_checkpoint):
-    cli = cli_main(["fit", "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path",
-                    tiny_vit_checkpoint, "--model.w_bits", "3", "--model.num_passes", "1", "--model.num_cycles", "2",
-                    "--model.strategy", "cmaes", "--model.strategy_options", "{popsize: 3, sigma: 0.02}",
-                    "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64", "--data.heldout_size", "0",
-                    "--data.batch_size", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-                    "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli = fit_with_strategy(tiny_vit_checkpoint, tmp_path, "cmaes", "{popsize: 3, sigma: 0.02}", num_cycles=2,
+                            batch_size=32)
     engine = cli.model.engine
     assert type(engine.state.strategy) is CMAES and engine.done
     assert engine.state.evaluations == 1 + 3 * 2 * 3  # the baseline, then 3 blocks x 2 generations x popsize 3

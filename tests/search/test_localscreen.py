@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli import cli_main
 from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.localscreen import LocalScreen
-from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
+from evolq_pl.testing import ToyEvaluator, fit_with_strategy, interrupt_and_resume, toy_engine
 
 CONFIG = SearchConfig(num_cycles=1, num_passes=3, eps=2e-2, strategy_options={"screen": 5, "candidates": 3})
 SIZES = (5, 3, 4)
@@ -85,12 +84,8 @@ def test_bad_settings_say_what_to_fix(options, cycles, message):
 
 
 def test_a_config_selects_localscreen_through_the_cli(tmp_path, tiny_vit_checkpoint):
-    cli = cli_main(["fit", "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path",
-                    tiny_vit_checkpoint, "--model.w_bits", "3", "--model.num_passes", "1", "--model.num_cycles", "1",
-                    "--model.strategy", "localscreen", "--model.strategy_options", "{screen: 4, candidates: 2}",
-                    "--data", "evolq_pl.data.DemoDataModule", "--data.calib_size", "64", "--data.heldout_size", "0",
-                    "--data.batch_size", "16", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-                    "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli = fit_with_strategy(tiny_vit_checkpoint, tmp_path, "localscreen", "{screen: 4, candidates: 2}", num_cycles=1,
+                            batch_size=16)
     engine = cli.model.engine
     assert type(engine.state.strategy) is LocalScreen and engine.done
     assert engine.state.evaluations == 1 + 3 * 2

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
-from cli import cli_main
 from evolq_pl.search.engine import SearchEngine, same_state
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies import get_strategy, strategy_names
 from evolq_pl.search.strategies.multifidelity import MultiFidelity
-from evolq_pl.testing import ToyEvaluator, interrupt_and_resume, toy_engine
+from evolq_pl.testing import ToyEvaluator, fit_with_strategy, interrupt_and_resume, toy_engine
 from evolq_pl.testing import run_search as run
 
 OPTIONS = {"screen": 6, "fraction": 0.25, "rescore": 2}  # ToyEvaluator: one of its 4 coordinate groups
@@ -80,13 +79,8 @@ def test_bad_settings_say_what_to_fix(options, cycles, message):
 
 
 def test_a_config_selects_multifidelity_through_the_cli(tmp_path, tiny_vit_checkpoint):
-    cli = cli_main(["fit", "--model.model_name", "vit_tiny_patch16_224", "--model.checkpoint_path",
-                    tiny_vit_checkpoint, "--model.w_bits", "3", "--model.num_passes", "1", "--model.num_cycles", "2",
-                    "--model.strategy", "multifidelity", "--model.strategy_options",
-                    "{screen: 4, fraction: 0.5, rescore: 1}", "--data", "evolq_pl.data.DemoDataModule",
-                    "--data.calib_size", "64", "--data.heldout_size", "0", "--data.batch_size", "16",
-                    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli = fit_with_strategy(tiny_vit_checkpoint, tmp_path, "multifidelity", "{screen: 4, fraction: 0.5, rescore: 1}",
+                            num_cycles=2, batch_size=16)
     engine = cli.model.engine
     assert type(engine.state.strategy) is MultiFidelity and engine.done
     assert engine.state.evaluations == 1 + 3 * (4 * 0.5 + 1)  # 4 batches: the screens score 2 of them
