@@ -77,7 +77,7 @@ class ToyEvaluator:
     ``poison``; scoring a block the engine has not started fails. Its "calibration set" is the coordinates in
     ``batches`` groups (i mod batches): scoring on a share of it sums the first groups only. Its per-coordinate
     ``local_errors`` measure the distance to a slightly different target, as a layer's error only proxies the
-    model's."""
+    model's; ``gradient`` is the fitness's exact one."""
 
     batches = 4
 
@@ -124,6 +124,14 @@ class ToyEvaluator:
             raise AssertionError(f"block {block} screened, but the engine started {self.prepared}")
         target = self.local_targets[block].double()
         return torch.stack([(c.double() - target) ** 2 for c in candidates])
+
+    def gradient(self, block: int, scales: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
+        """The fitness's exact gradient on the share's coordinate groups (zero on the others)."""
+        if self.prepared != block:
+            raise AssertionError(f"block {block} differentiated, but the engine started {self.prepared}")
+        groups = round(self.calibration_share(fraction) * self.batches)
+        share = (torch.arange(len(scales)) % self.batches < groups).double()
+        return (2 * (scales.double() - self.targets[block].double()) * share).float()
 
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         if self.prepared != block:

@@ -123,6 +123,13 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def straight_through(exact: Tensor, surrogate: Tensor) -> Tensor:
+    """``exact``'s value with ``surrogate``'s gradient: for integer steps whose own gradient is zero almost
+    everywhere (integer LayerNorm, log-int softmax, a log2 grid), the float op they approximate passes one back.
+    The value is ``exact`` + 0, so only a -0 can turn into +0."""
+    return exact.detach() + (surrogate - surrogate.detach())
+
+
 _exp2_exact: dict[tuple[str, torch.dtype], bool] = {}
 
 

@@ -18,6 +18,7 @@ from evolq_pl.quant import formulas, fused
 from evolq_pl.quant.bit_types import BitType
 from evolq_pl.quant.formulas import pow2_int as pow2_int
 from evolq_pl.quant.formulas import round_ste as round_ste
+from evolq_pl.quant.formulas import straight_through as straight_through
 
 EPS = torch.finfo(torch.float32).eps
 _FAST_PATHS: ContextVar[bool] = ContextVar("evolq_fast_paths", default=True)
@@ -41,12 +42,15 @@ def fast_paths_enabled() -> bool:
     return _FAST_PATHS.get()
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors now."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def inplace_ok(*tensors: torch.Tensor) -> bool:
     """Whether a result may be built in place in one buffer: the search scores candidates without autograd, and
     each avoided temporary is a full pass over an activation (the elementwise passes dominate a candidate)."""
-    if not _FAST_PATHS.get():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return _FAST_PATHS.get() and not needs_grad(*tensors)
 
 
 def fast_ops() -> type[formulas.Eager]:

@@ -70,10 +70,10 @@ class _QWeight:
             self._cache = (key, w_hat)
         return w_hat
 
-    @torch.no_grad()
     def weight_for_scale(self, scale: torch.Tensor) -> torch.Tensor:
         """The float32 weight the layer would compute with under per-channel ``scale`` (its own zero points and
-        bias correction), without writing ``scale``: how a search weighs a candidate layer by layer."""
+        bias correction), without writing ``scale``: how a search weighs a candidate layer by layer. Differentiable
+        in ``scale`` where autograd is on (the rounding is straight-through)."""
         q = self.weight_quantizer
         w = self.weight.detach().float()
         w_hat = F.fake_quantize(w, scale.to(w.device, torch.float32).reshape(q.scale.shape), q.zero_point,
@@ -163,7 +163,11 @@ class QIntLayerNorm(nn.LayerNorm):
                 out_q: FakeQuantizer | None = None) -> torch.Tensor:
         if not (self.int_mode and in_q is not None and out_q is not None):
             return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return int_layer_norm(x.float(), in_q.scale, out_q.scale, self.weight.float(), self.bias.float())
+        y = int_layer_norm(x.float(), in_q.scale, out_q.scale, self.weight.float(), self.bias.float())
+        if F.needs_grad(x):  # the integer statistics pass no gradient; the float LayerNorm's stands in
+            return F.straight_through(y, TF.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                                       self.bias.float(), self.eps))
+        return y
 
 
 def int_layer_norm(x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
@@ -191,6 +195,7 @@ class QSoftmax(nn.Module):
     def forward(self, x: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
         lis_on = self.mode == "lis" and self.quantizer.enabled and in_q is not None and in_q.enabled
         if lis_on:
-            return F.log_int_softmax(x.float(), float(in_q.scale), self.quantizer.bit_type.bits)
+            y = F.log_int_softmax(x.float(), float(in_q.scale), self.quantizer.bit_type.bits)
+            return F.straight_through(y, x.float().softmax(dim=-1)) if F.needs_grad(x) else y
         return self.quantizer(x.float().softmax(dim=-1))
 

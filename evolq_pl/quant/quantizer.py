@@ -100,7 +100,8 @@ class Log2Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and not (self.observing or self.scoring):
-            return F.log2_quantize(x.float(), self.bit_type.bits)
+            y = F.log2_quantize(x.float(), self.bit_type.bits)
+            return F.straight_through(y, x.float()) if F.needs_grad(x) else y
         return x
 
     def finalize(self) -> None:

@@ -67,6 +67,16 @@ class BatchEvaluator(Evaluator, Protocol):
         """Optional: each candidate's block-local error per scale, ``(len(candidates), numel)``, lower is better;
         cheap, and not a fitness evaluation (the engine hands it to the strategy as ``local_errors``)."""
 
+    def gradient(self, block: int, scales: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
+        """Optional: the gradient of the fitness at ``scales`` on ``calibration_share(fraction)`` of the calibration
+        set, through straight-through roundings (the engine hands it to the strategy as ``gradient``)."""
+
+
+GRADIENT_COST = 4
+"""Full-set evaluations a gradient on the full calibration set counts as: a forward with autograd and a backward
+took 3.1-3.9 times an evaluation's time on the 12-block ViT on one CPU thread (benchmarks/RESULTS.md, "Straight-through
+gradient steps"), so 4 keeps budgets comparable without flattering the strategy."""
+
 
 class NonFiniteBaseline(RuntimeError):
     """The model's fitness before the search is not finite, so no candidate could ever be compared with it."""
@@ -224,6 +234,12 @@ class SearchEngine:
         self.state.evaluations += len(candidates) if share == 1.0 else share * len(candidates)
         return [float(f) for f in many(block, candidates, fraction)]
 
+    def _gradient(self, block: int, scales: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
+        """The evaluator's gradient, counted as ``GRADIENT_COST`` evaluations per full calibration set."""
+        evaluator = self._evaluator()
+        self.state.evaluations += GRADIENT_COST * evaluator.calibration_share(fraction)
+        return evaluator.gradient(block, scales, fraction)
+
     def _begin_visit(self, visit: int) -> None:
         s, evaluator, block = self.state, self._evaluator(), self.schedule[visit]
         evaluator.start_block(block)
@@ -253,6 +269,8 @@ class SearchEngine:
         started = time.perf_counter()
         local = getattr(evaluator, "local_errors", None)
         s.strategy.local_errors = None if local is None else functools.partial(local, block)
+        s.strategy.gradient = None if getattr(evaluator, "gradient", None) is None else functools.partial(
+            self._gradient, block)
         candidates = s.strategy.ask(s.rng)
         fitnesses = self._score_all(block, candidates, s.strategy.fidelity())
         kept = s.strategy.tell(candidates, fitnesses)

@@ -194,6 +194,28 @@ class SuffixEvaluator:
             out += self._means(torch.stack([acc.total() for acc in accs]), k)
         return out
 
+    def gradient(self, block: int, scales: torch.Tensor, fraction: float = 1.0) -> torch.Tensor:
+        """The gradient of the mean fitness with respect to ``scales`` on ``calibration_share(fraction)`` of the
+        calibration set (over all processes), through the straight-through roundings and integer steps' float
+        stand-ins (``functional.straight_through``): a direction to propose along, never a fitness to keep by.
+        The model's scales are left as they were."""
+        k = round(self.calibration_share(fraction) * len(self._inputs))
+        vector = self.scales[block]
+        leaf = scales.detach().to(self.device, torch.float32).reshape(-1).clone().requires_grad_(True)
+        grad = torch.zeros_like(leaf)
+        with torch.enable_grad():
+            for hidden, teacher in zip(self._inputs[:k], self.teachers[:k], strict=True):
+                chunks = torch.split(leaf, vector.sizes)
+                params = [[(layer.weight_for_scale(c), layer.bias) for layer, c in zip(vector.layers, chunks,
+                                                                                        strict=True)]]
+                with per_candidate_weights(vector.layers, params):
+                    loss = self.fitness_fn(self.qmodel.forward_from(block, hidden), teacher)
+                grad += torch.autograd.grad(loss, leaf)[0]
+        n = torch.tensor(float(k), dtype=torch.float64, device=self.device)
+        if self.reduce_sum is not None:
+            grad, n = self.reduce_sum(grad), self.reduce_sum(n)
+        return (grad / n.to(grad.dtype)).to(scales.device).reshape(scales.shape)
+
     def evaluate(self, block: int, scales: torch.Tensor) -> float:
         self.apply(block, scales)
         return self.fitness(block)

@@ -132,7 +132,7 @@ def test_heldout_snapshot_and_baseline_are_whole_model_snapshots():
 def test_bad_engine_inputs_say_what_to_fix():
     with pytest.raises(ValueError, match="one mutation eps per block: 2 for 3 blocks"):
         SearchEngine(3, [1e-3, 1e-3], CONFIG)
-    with pytest.raises(ValueError, match="unknown search strategy 'annealing': choose one of cmaes, evolq, localscreen, multifidelity"):
+    with pytest.raises(ValueError, match="unknown search strategy 'annealing': choose one of cmaes, evolq, gradient, localscreen, multifidelity"):
         SearchEngine(3, [1e-3] * 3, CONFIG, strategy="annealing")
     with pytest.raises(RuntimeError, match="no evaluator"):
         SearchEngine(3, [1e-3] * 3, CONFIG).step()

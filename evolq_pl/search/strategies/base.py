@@ -32,6 +32,10 @@ class Strategy(ABC):
     local_errors: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
     """Set by the engine before each ``ask`` where the evaluator offers it: candidates -> their per-scale block-local
     error (``BatchEvaluator.local_errors`` for the block being visited). Not state: the engine sets it again."""
+    gradient: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    """Set by the engine before each ``ask`` where the evaluator offers it: (scales, fraction) -> the straight-through
+    gradient of the fitness at ``scales`` on that share of the calibration set (``BatchEvaluator.gradient``), which
+    the engine counts as ``GRADIENT_COST`` evaluations per full set. Not state: the engine sets it again."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,85 @@
+"""Straight-through gradient steps (``strategy: gradient``): each gradient counted at its cost, steps against it
+that lower the fitness, a mutation where the gradient is zero, exact resume, selectable through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evolq_pl.search.engine import GRADIENT_COST, SearchEngine, same_state
+from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.strategies import get_strategy, strategy_names
+from evolq_pl.search.strategies.gradient import GradientSteps
+from evolq_pl.testing import ToyEvaluator, fit_with_strategy, interrupt_and_resume, toy_engine
+from evolq_pl.testing import run_search as run
+
+OPTIONS = {"steps": [0.03, 0.1], "fraction": 0.5}  # ToyEvaluator: two of its 4 coordinate groups
+CONFIG = SearchConfig(num_cycles=2, num_passes=2, eps=2e-2, strategy_options=OPTIONS)
+SIZES = (5, 3, 4)
+
+
+def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7) -> SearchEngine:
+    return toy_engine(CONFIG, "gradient", seed, evaluator, SIZES)
+
+
+def test_registered_and_selected_by_name():
+    assert "gradient" in strategy_names() and get_strategy("gradient") is GradientSteps
+
+
+def test_steps_against_the_gradient_lower_the_fitness_and_each_gradient_counts_at_its_cost():
+    engine = make_engine()
+    reports = run(engine)
+    assert all(len(r.fitnesses) == 2 for r in reports)
+    generations = engine.num_visits * CONFIG.num_cycles
+    assert engine.state.evaluations == pytest.approx(1 + generations * (GRADIENT_COST * 0.5 + 2))
+    assert sum(r.accepted for r in reports) >= 4
+    best = [r.best_fitness for r in reports]
+    assert all(b <= a for a, b in zip(best, best[1:], strict=False))
+    assert engine.evaluator.fitness() == best[-1] < 0.6 * engine.state.baseline_fitness
+    assert all(r.stats["fallback"] == 0.0 for r in reports)
+
+
+def test_a_zero_gradient_falls_back_to_the_papers_mutation():
+    evaluator = ToyEvaluator()
+    evaluator.targets = [torch.ones_like(t) for t in evaluator.targets]  # the scales start at the optimum
+    engine = make_engine(evaluator)
+    report = engine.step()
+    assert len(report.fitnesses) == 1 and report.stats["fallback"] == 1.0 and report.accepted == 0
+    assert torch.equal(evaluator.get(engine.schedule[0]), torch.ones(SIZES[engine.schedule[0]]))
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 7])
+def test_save_and_restore_continues_exactly(stop_after):
+    reference, ref_reports, resumed, reports = interrupt_and_resume(make_engine, stop_after)
+    assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
+    assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
+    assert same_state(resumed.state_dict(), reference.state_dict())
+
+
+def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
+    class Plain(ToyEvaluator):
+        gradient = None
+
+    with pytest.raises(RuntimeError, match="gradient strategy needs an evaluator with gradient"):
+        make_engine(Plain()).step()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"steps": []}, "steps must be a non-empty list"),
+    ({"steps": [0.1, -0.1]}, "steps must be a non-empty list of relative sizes in \\(0, 10\\), got \\[0.1, -0.1\\]"),
+    ({"steps": 0.1}, "steps must be a non-empty list"),
+    ({"fraction": 0}, "fraction must be in \\(0, 1\\], got 0"),
+    ({"momentum": 0.9}, "has no option 'momentum'"),
+])
+def test_bad_settings_say_what_to_fix(options, message):
+    with pytest.raises(ValueError, match=message):
+        GradientSteps(SearchConfig(strategy_options=options))
+
+
+def test_a_config_selects_gradient_through_the_cli(tmp_path, tiny_vit_checkpoint):
+    cli = fit_with_strategy(tiny_vit_checkpoint, tmp_path, "gradient", "{steps: [0.03, 0.1]}", num_cycles=1,
+                            batch_size=16)
+    engine = cli.model.engine
+    assert type(engine.state.strategy) is GradientSteps and engine.done
+    assert engine.state.evaluations == 1 + 3 * (GRADIENT_COST + 2)
+    assert engine.state.current_fitness < engine.state.baseline_fitness
