@@ -132,9 +132,11 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
 
 
 def parse_value(text: str) -> Any:
-    """``true``/``false``, a number, or the text itself."""
+    """``true``/``false``, a number, a list of them (``[0.03,0.1]``), or the text itself."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_value(item.strip()) for item in text[1:-1].split(",") if item.strip()]
     for cast in (int, float):
         try:
             return cast(text)

@@ -18,6 +18,8 @@ def test_set_pairs_become_module_and_quant_arguments():
 def test_strategy_pairs_become_the_strategy_and_its_options():
     assert module_overrides(["strategy=cmaes", "strategy.popsize=5", "strategy.sigma=0.03"]) == {
         "strategy": "cmaes", "strategy_options": {"popsize": 5, "sigma": 0.03}}
+    assert module_overrides(["strategy=gradient", "strategy.steps=[0.1, 0.3]"]) == {
+        "strategy": "gradient", "strategy_options": {"steps": [0.1, 0.3]}}
 
 
 @pytest.mark.parametrize("pair, hint", [("eps", "NAME=VALUE"), ("w_bits=3", "--bits")])
