@@ -6,7 +6,9 @@ share of the FP gap recovered against fitness evaluations (PNG and TensorBoard s
         --evolq benchmarks/results/accuracy_cpu_vit12s_w2_heldout.json ... --png benchmarks/strategies_gap.png
 
 The rule (benchmarks/preregistration_strategies.md): per model and W/A, the candidate with the best mean held-out
-top-1 over the seeds; a margin within ``--noise`` points is a tie, won by the first of ``--candidates``.
+top-1 over the seeds; a margin within ``--noise`` points is a tie, won by the first of ``--candidates``. Round 2
+(benchmarks/preregistration_gradient.md) adds ``--standing``: an earlier round's pick, which the new pick replaces
+only with a held-out margin above the noise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
 def label(row: dict[str, Any]) -> str | None:
     """The strategy a row ran: a candidate's name, one of the evolq comparison settings, or None (not compared)."""
     if row.get("strategy", "evolq") != "evolq":
-        return row["strategy"]
+        return row["strategy"] + ("-mlp" if "search_mlp=true" in row.get("settings", "") else "")
     return EVOLQ.get(row.get("settings", ""))
 
 
@@ -56,11 +58,17 @@ def mean(values) -> float:
     return statistics.mean(values)
 
 
+def heldout(by_label: dict[str, dict[int, dict[str, Any]]], name: str, seeds: list[int]) -> float | None:
+    """A strategy's mean held-out top-1 over the seeds, or None where a seed is missing."""
+    rows = by_label.get(name, {})
+    return mean(rows[s]["heldout"]["evolq"]["top1"] for s in seeds) if all(s in rows for s in seeds) else None
+
+
 def pick(by_label: dict[str, dict[int, dict[str, Any]]], seeds: list[int], candidates: tuple[str, ...],
-         noise: float) -> tuple[str | None, str]:
-    """The pre-registered choice among the candidates with every seed, and how it was made."""
-    scores = [(mean(by_label[c][s]["heldout"]["evolq"]["top1"] for s in seeds), c) for c in candidates
-              if c in by_label and all(s in by_label[c] for s in seeds)]
+         noise: float, standing: str | None = None) -> tuple[str | None, str]:
+    """The pre-registered choice among the candidates with every seed, and how it was made; with ``standing`` (an
+    earlier round's pick), the choice replaces it only by a held-out margin above ``noise``."""
+    scores = [(score, c) for c in candidates if (score := heldout(by_label, c, seeds)) is not None]
     if not scores:
         return None, "no candidate has every seed"
     best = max(score for score, _ in scores)
@@ -69,14 +77,19 @@ def pick(by_label: dict[str, dict[int, dict[str, Any]]], seeds: list[int], candi
     others = [f"{c} {score:.2f}" for score, c in scores]
     margin = best - max((score for score, c in scores if c != chosen), default=best)
     how = "tie, first listed" if len(tied) > 1 else f"margin {margin:.2f}"
-    return chosen, f"held-out {', '.join(others)} ({how})"
+    old = None if standing is None else heldout(by_label, standing, seeds)
+    if old is None:
+        return chosen, f"held-out {', '.join(others)} ({how})"
+    ahead = dict((c, score) for score, c in scores)[chosen] - old
+    verdict = f"{ahead:+.2f} over {standing}: " + ("replaces it" if ahead > noise else f"{standing} stands")
+    return (chosen if ahead > noise else standing), f"held-out {', '.join(others)} ({how}); {verdict}"
 
 
-def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float) -> str:
+def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, standing: str | None = None) -> str:
     lines = ["| model | W/A | strategy | evaluations | held-out top-1 | test top-1 (base → searched) | Δ paired "
              "| gap recovered | search s | held-out pick |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (ckpt, w), by_label in grouped.items():
-        chosen, how = pick(by_label, seeds, candidates, noise)
+        chosen, how = pick(by_label, seeds, candidates, noise, standing)
         for name, rows in by_label.items():
             if not all(s in rows for s in seeds):
                 continue
@@ -87,7 +100,8 @@ def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float) 
             sd = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
             evaluations = spent(rs[0])
             evaluations = "?" if evaluations is None else f"{evaluations:.0f}"
-            mark = f"**picked**: {how}" if name == chosen else ("not picked" if name in candidates else "comparison")
+            entered = name in candidates or name == standing
+            mark = f"**picked**: {how}" if name == chosen else ("not picked" if entered else "comparison")
             lines.append(
                 f"| {ckpt.removesuffix('_fmnist.pth')} | W{w}A8 | {name} | {evaluations} | "
                 f"{mean(r['heldout']['evolq']['top1'] for r in rs):.2f} | {base:.2f} → {top1:.2f} | "
@@ -170,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evolq", nargs="*", default=[], help="accuracy.py outputs holding the evolq rows")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="in pre-registered order")
+    parser.add_argument("--standing", default=None, help="an earlier round's pick, replaced only beyond the noise")
     parser.add_argument("--noise", type=float, default=0.18, help="held-out margin (points) that counts as a tie")
     parser.add_argument("--png", default="")
     parser.add_argument("--tensorboard", default="", help="folder for the TensorBoard scalars of the plot")
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path} does not exist: run benchmarks.accuracy first or drop it from the list")
         rows += json.loads(Path(path).read_text())
     grouped = groups(rows)
-    print(table(grouped, args.seeds, tuple(args.candidates), args.noise))
+    print(table(grouped, args.seeds, tuple(args.candidates), args.noise, args.standing))
     for problem in baseline_check(grouped, args.seeds):
         print("BASELINE MISMATCH:", problem)
     if args.png:

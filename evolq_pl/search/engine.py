@@ -74,8 +74,8 @@ class BatchEvaluator(Evaluator, Protocol):
 
 GRADIENT_COST = 4
 """Full-set evaluations a gradient on the full calibration set counts as: a forward with autograd and a backward
-took 3.1-3.9 times an evaluation's time on the 12-block ViT on one CPU thread (benchmarks/RESULTS.md, "Straight-through
-gradient steps"), so 4 keeps budgets comparable without flattering the strategy."""
+took 3.97 (the 12-block ViT) and 3.45 (LeViT) times an evaluation over a pass, on one CPU thread
+(``benchmarks/gradient_cost.py``; benchmarks/RESULTS.md, "Straight-through gradient steps")."""
 
 
 class NonFiniteBaseline(RuntimeError):

@@ -4,8 +4,8 @@ tie won by the first listed candidate, and the test set never decides."""
 from benchmarks.strategy_report import baseline_check, groups, pick, table
 
 
-def _row(strategy: str, seed: int, heldout: float, test: float, base: float = 80.0) -> dict:
-    return {"checkpoint": "m.pth", "w_bits": 2, "seed": seed, "strategy": strategy, "settings": "",
+def _row(strategy: str, seed: int, heldout: float, test: float, base: float = 80.0, settings: str = "") -> dict:
+    return {"checkpoint": "m.pth", "w_bits": 2, "seed": seed, "strategy": strategy, "settings": settings,
             "passes": 10, "evaluations": 361, "search_s": 1.0, "fitness_before": 1.0,
             "fp": {"top1": 90.0}, "baseline": {"top1": base}, "evolq": {"top1": test},
             "heldout": {"evolq": {"top1": heldout}}}
@@ -33,3 +33,20 @@ def test_a_candidate_missing_a_seed_cannot_be_picked_and_differing_baselines_are
     grouped = groups(rows)
     assert pick(grouped[("m.pth", 2)], [0, 1, 2], ("multifidelity", "cmaes"), 0.18)[0] == "cmaes"
     assert len(baseline_check(grouped, [0, 1, 2])) == 2  # seeds 0 and 1 start from different baselines
+
+
+def test_a_later_rounds_pick_replaces_the_standing_one_only_beyond_the_noise():
+    """Round 2: gradient and gradient with MLP scales (told apart by their settings), then the pick against round
+    1's multifidelity, which stands unless the new pick's held-out margin exceeds the noise."""
+    mlp = "search_mlp=true strategy=gradient"
+    rows = ([_row("multifidelity", s, 84.0, 81.0) for s in range(3)] + [_row("gradient", s, 84.15, 85.0)
+                                                                         for s in range(3)]
+            + [_row("gradient", s, 84.1, 89.0, settings=mlp) for s in range(3)])
+    by_label = groups(rows)[("m.pth", 2)]
+    assert set(by_label) == {"multifidelity", "gradient", "gradient-mlp"}
+    chosen, how = pick(by_label, [0, 1, 2], ("gradient", "gradient-mlp"), 0.18, standing="multifidelity")
+    assert chosen == "multifidelity" and "+0.15 over multifidelity: multifidelity stands" in how
+    for r in rows[3:6]:
+        r["heldout"]["evolq"]["top1"] = 84.5
+    chosen, how = pick(by_label, [0, 1, 2], ("gradient", "gradient-mlp"), 0.18, standing="multifidelity")
+    assert chosen == "gradient" and "replaces it" in how

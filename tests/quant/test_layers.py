@@ -211,3 +211,41 @@ def test_uniform_softmax_quantizes_probabilities_on_an_8bit_grid():
 def test_unknown_softmax_mode_is_rejected():
     with pytest.raises(ValueError, match="uniform, log2 or lis"):
         QSoftmax("int", bits=8)
+
+
+def test_integer_layernorm_passes_the_float_layernorms_gradient_and_keeps_its_value():
+    """With autograd on, the integer LayerNorm's output is unchanged and its gradient is the float LayerNorm's:
+    the integer statistics pass none, which left a search's fitness with a zero gradient in every scale."""
+    x_hat, in_q, ln = _ptf_input_and_ln(3)
+    out_q = FakeQuantizer(UINT8, "minmax")
+    out_q.fit(TF.layer_norm(x_hat, ln.normalized_shape, ln.weight, ln.bias, ln.eps).detach())
+    ln.int_mode = True
+    with torch.no_grad():
+        exact = ln(x_hat, in_q, out_q)
+    x = x_hat.detach().clone().requires_grad_(True)
+    out = ln(x, in_q, out_q)
+    assert torch.equal(out.detach(), exact + 0.0)  # + 0.0: a -0 may turn +0
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    xf = x_hat.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(TF.layer_norm(xf, ln.normalized_shape, ln.weight, ln.bias, ln.eps), xf,
+                                      grad_out)
+    assert grad.abs().sum() > 0 and torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("mode", ["log2", "lis"])
+def test_log2_and_lis_softmax_pass_the_softmaxs_gradient_and_keep_their_value(mode):
+    scores = _scores(3, 0.05)
+    in_q = _pre_softmax_quantizer(scores)
+    scores = in_q(scores)
+    sm = QSoftmax(mode, bits=4)
+    sm.quantizer.enabled = True
+    exact = sm(scores, in_q)
+    x = scores.clone().requires_grad_(True)
+    out = sm(x, in_q)
+    assert torch.equal(out.detach(), exact)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    xf = scores.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(xf.softmax(-1), xf, grad_out)
+    assert grad.abs().sum() > 0 and torch.equal(grad, expected)

@@ -126,3 +126,30 @@ def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evalu
             expected.append((diff ** 2).sum(dim=0))
         torch.testing.assert_close(errors[i], torch.cat(expected), rtol=1e-3, atol=1e-7)  # float32 layer outputs
     evaluator.end_block(block)
+
+
+def test_the_gradient_is_nonzero_in_every_layers_scales_and_a_step_against_it_lowers_the_fitness(evaluator):
+    """Through straight-through rounding and the integer steps' float stand-ins; the model's scales stay put. The
+    fitness is jagged in the scales, so not every step size along the direction lowers it (as the strategy tries
+    several)."""
+    block = 0
+    evaluator.start_block(block)
+    current, before = evaluator.get(block), evaluator.fitness(block)
+    grad = evaluator.gradient(block, current)
+    assert grad.shape == current.shape and torch.isfinite(grad).all()
+    assert all(chunk.abs().sum() > 0 for chunk in torch.split(grad, evaluator.scales[block].sizes))
+    assert torch.equal(evaluator.get(block), current) and evaluator.fitness(block) == before
+    assert all("forward" not in vars(layer) for layer in evaluator.scales[block].layers)
+    direction = grad * current
+    unit = direction / direction.pow(2).mean().sqrt()
+    assert min(evaluator.evaluate(block, current * torch.exp(-size * unit)) for size in (0.003, 0.01, 0.03, 0.1)) < before
+    evaluator.end_block(block)
+
+
+def test_the_gradient_on_a_share_is_the_gradient_on_its_first_batches(evaluator):
+    block = len(evaluator.scales) - 1
+    evaluator.start_block(block)
+    current = evaluator.get(block)
+    part = evaluator.gradient(block, current, fraction=0.4)
+    evaluator._inputs, evaluator.teachers = evaluator._inputs[:1], evaluator.teachers[:1]
+    assert torch.equal(part, evaluator.gradient(block, current))
