@@ -176,13 +176,18 @@ def _powers_of_two_or_zero(t: torch.Tensor) -> bool:
     return bool((nz > 0).all() and torch.equal(torch.log2(nz), torch.round(torch.log2(nz))))
 
 
-@pytest.mark.parametrize("mode", ["log2", "lis"])
-def test_log2_and_lis_softmax_output_powers_of_two_rows_near_one(mode):
-    scores = _scores(0, 0.05)
+def _log2_softmax(mode: str, seed: int) -> tuple[torch.Tensor, FakeQuantizer, QSoftmax]:
+    """Quantized scores, their quantizer and a 4-bit log2 or LIS softmax switched on."""
+    scores = _scores(seed, 0.05)
     in_q = _pre_softmax_quantizer(scores)
-    scores = in_q(scores)
     sm = QSoftmax(mode, bits=4)
     sm.quantizer.enabled = True
+    return in_q(scores), in_q, sm
+
+
+@pytest.mark.parametrize("mode", ["log2", "lis"])
+def test_log2_and_lis_softmax_output_powers_of_two_rows_near_one(mode):
+    scores, in_q, sm = _log2_softmax(mode, 0)
     out = sm(scores, in_q)
     assert _powers_of_two_or_zero(out)
     assert ((out.sum(-1) - 1).abs() < 0.15).all()
@@ -235,11 +240,7 @@ def test_integer_layernorm_passes_the_float_layernorms_gradient_and_keeps_its_va
 
 @pytest.mark.parametrize("mode", ["log2", "lis"])
 def test_log2_and_lis_softmax_pass_the_softmaxs_gradient_and_keep_their_value(mode):
-    scores = _scores(3, 0.05)
-    in_q = _pre_softmax_quantizer(scores)
-    scores = in_q(scores)
-    sm = QSoftmax(mode, bits=4)
-    sm.quantizer.enabled = True
+    scores, in_q, sm = _log2_softmax(mode, 3)
     exact = sm(scores, in_q)
     x = scores.clone().requires_grad_(True)
     out = sm(x, in_q)
