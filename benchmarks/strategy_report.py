@@ -26,10 +26,15 @@ EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
          "fused=true heldout_size=5000": "evolq (paper: infoNCE, its eps for the width)"}
 
 
+SUFFIXES = {"strategy.steps=[0.1,0.3]": "-large", "search_mlp=true": "-mlp"}
+"""Settings that tell candidates of one strategy apart (round 3's larger steps, round 2's MLP scales), in name order."""
+
+
 def label(row: dict[str, Any]) -> str | None:
     """The strategy a row ran: a candidate's name, one of the evolq comparison settings, or None (not compared)."""
     if row.get("strategy", "evolq") != "evolq":
-        return row["strategy"] + ("-mlp" if "search_mlp=true" in row.get("settings", "") else "")
+        settings = row.get("settings", "").split()
+        return row["strategy"] + "".join(suffix for pair, suffix in SUFFIXES.items() if pair in settings)
     return EVOLQ.get(row.get("settings", ""))
 
 
