@@ -164,13 +164,18 @@ class SuffixEvaluator:
         n = len(self._inputs) or len(self.batches)
         return max(1, round(fraction * n)) / n
 
+    def _first_batches(self, fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This process's cached block inputs and teacher logits of ``calibration_share(fraction)``."""
+        k = round(self.calibration_share(fraction) * len(self._inputs))
+        return self._inputs[:k], self.teachers[:k]
+
     @torch.no_grad()
     def evaluate_many(self, block: int, candidates: Sequence[torch.Tensor], fraction: float = 1.0) -> list[float]:
         """``evaluate`` of each candidate, ``stack`` at a time: the cached inputs repeated once per candidate along
         the batch, the block's layers computing each slice with its candidate's weights, the rest of the model
         run once on the stacked batch. The model holds the last candidate afterwards."""
-        k = round(self.calibration_share(fraction) * len(self._inputs))
-        inputs, teachers = self._inputs[:k], self.teachers[:k]
+        inputs, teachers = self._first_batches(fraction)
+        k = len(inputs)
         layers = self.scales[block].layers
         out: list[float] = []
         if self.stack == 1:  # one after another, the plain suffix (no stacking, no patched layers)
@@ -199,19 +204,19 @@ class SuffixEvaluator:
         calibration set (over all processes), through the straight-through roundings and integer steps' float
         stand-ins (``functional.straight_through``): a direction to propose along, never a fitness to keep by.
         The model's scales are left as they were."""
-        k = round(self.calibration_share(fraction) * len(self._inputs))
+        inputs, teachers = self._first_batches(fraction)
         vector = self.scales[block]
         leaf = scales.detach().to(self.device, torch.float32).reshape(-1).clone().requires_grad_(True)
         grad = torch.zeros_like(leaf)
         with torch.enable_grad():
-            for hidden, teacher in zip(self._inputs[:k], self.teachers[:k], strict=True):
+            for hidden, teacher in zip(inputs, teachers, strict=True):
                 chunks = torch.split(leaf, vector.sizes)
                 params = [[(layer.weight_for_scale(c), layer.bias) for layer, c in zip(vector.layers, chunks,
                                                                                         strict=True)]]
                 with per_candidate_weights(vector.layers, params):
                     loss = self.fitness_fn(self.qmodel.forward_from(block, hidden), teacher)
                 grad += torch.autograd.grad(loss, leaf)[0]
-        n = torch.tensor(float(k), dtype=torch.float64, device=self.device)
+        n = torch.tensor(float(len(inputs)), dtype=torch.float64, device=self.device)
         if self.reduce_sum is not None:
             grad, n = self.reduce_sum(grad), self.reduce_sum(n)
         return (grad / n.to(grad.dtype)).to(scales.device).reshape(scales.shape)
