@@ -26,8 +26,10 @@ EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
          "fused=true heldout_size=5000": "evolq (paper: infoNCE, its eps for the width)"}
 
 
-SUFFIXES = {"strategy.steps=[0.1,0.3]": "-large", "search_mlp=true": "-mlp"}
-"""Settings that tell candidates of one strategy apart (round 3's larger steps, round 2's MLP scales), in name order."""
+SUFFIXES = {"search_jointly=true": "-joint", "search_head=true": "-head", "strategy.steps=[0.1,0.3]": "-large",
+            "search_mlp=true": "-mlp"}
+"""Settings that tell candidates of one strategy apart (round 4's one unit for the whole model and the head, round
+3's larger steps, round 2's MLP scales), in name order."""
 
 
 def label(row: dict[str, Any]) -> str | None:

@@ -50,6 +50,11 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
         eps: mutation half-width; None picks 1e-3 for 3/4-bit and 1e-4 for 8-bit weights.
         relative_mutation: scale the noise by each scale's magnitude instead of the reference's absolute noise.
         search_mlp: also search the MLP Linear scales of each block.
+        search_head: also search the classifier head's weight scales, as one more unit (visited first in a pass).
+        search_stem: also search the stem's (patch embedding's) weight scales, as one more unit rerun from the
+            images (visited first in a pass, before the head).
+        search_jointly: search all the scales above as one unit, so that every visit moves every layer's scales
+            (with ``strategy: gradient``, one gradient through the whole model per generation).
         fitness: ``infonce`` (the reference), ``mse``, ``kl`` or ``cosine``.
         temperature: infoNCE temperature T (the loss is multiplied by 2T).
         teacher: ``fp`` (the unquantized model) or ``int_ln`` (the original's teacher: integer LayerNorm left on).
@@ -80,6 +85,9 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
         eps: float | None = None,
         relative_mutation: bool = False,
         search_mlp: bool = False,
+        search_head: bool = False,
+        search_stem: bool = False,
+        search_jointly: bool = False,
         fitness: Literal["infonce", "mse", "kl", "cosine"] = "infonce",
         temperature: float = 3.0,
         teacher: Literal["fp", "int_ln"] = "fp",
@@ -101,7 +109,7 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
         self.fitness_fn = get_fitness(fitness, temperature)
         self.qmodel = create_quantized_model(model_name, self.qconfig, pretrained, checkpoint_path, model_kwargs)
         self.qmodel.requires_grad_(False)
-        self.blocks = self.qmodel.search_blocks(include_mlp=search_mlp)
+        self.blocks = self.qmodel.search_blocks(search_mlp, search_head, search_stem, search_jointly)
         self.engine = SearchEngine(len(self.blocks), [search.resolve_eps(b.bits) for b in self.blocks], search,
                                    strategy, seed)
         self.init_metrics(self.qmodel.num_classes)

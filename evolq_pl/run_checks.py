@@ -31,7 +31,8 @@ def check_run(checkpoint: dict[str, Any], identity: dict[str, Any], weights_id: 
     if state is None:
         raise ValueError("not an evolq-pl checkpoint (no search state): give a last.ckpt written by cli.py fit")
     if state["identity"] != identity:
-        diff = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
+        saved = state["identity"]
+        diff = {k: (saved.get(k), identity.get(k)) for k in {**saved, **identity} if saved.get(k) != identity.get(k)}
         raise ValueError(f"checkpoint belongs to another run: {diff} (checkpoint vs config); "
                          "use the config the checkpoint was made with")
     if not math.isclose(state["weights_id"], weights_id, rel_tol=1e-9):

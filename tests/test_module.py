@@ -162,6 +162,40 @@ def test_checkpoint_of_another_bit_width_is_refused(tmp_path):
         make_trainer(tmp_path, other).test(other, datamodule=make_data(other), ckpt_path=tmp_path / "last.ckpt")
 
 
+def test_search_stem_and_head_search_the_patch_embedding_and_the_head_first_in_every_pass(tmp_path):
+    module, rec = make_module(num_passes=1, num_cycles=1, search_stem=True, search_head=True), Recorder()
+    start = make_module(num_passes=1, num_cycles=1, search_stem=True, search_head=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    make_trainer(tmp_path, module, callbacks=[rec, ckpt], enable_checkpointing=True).fit(
+        module, datamodule=make_data(module))
+    depth = len(module.qmodel.blocks)
+    assert [module.blocks[b].name for b in rec.blocks] == ["stem", "head", *(f"blocks.{i}" for i in
+                                                                             reversed(range(depth)))]
+    calibrate(start.qmodel, module._calib)
+    changed = {n.rsplit(".", 2)[0] for (n, p), (_, q) in zip(module.qmodel.named_buffers(),
+                                                              start.qmodel.named_buffers(), strict=True)
+               if "observer" not in n and not torch.equal(p, q)}
+    assert changed & {"patch_proj", "head"}  # the search moved the ends' scales
+    plain = make_module(num_passes=1, num_cycles=1)
+    with pytest.raises(ValueError, match=r"another run: .*'search_head': \(True, None\)"):
+        make_trainer(tmp_path, plain).test(plain, datamodule=make_data(plain), ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_a_joint_search_moves_every_blocks_and_the_heads_scales_in_each_visit(tmp_path):
+    module = make_module(num_passes=2, num_cycles=1, search_head=True, search_jointly=True, strategy="gradient",
+                         fitness="kl")
+    start = make_module(num_passes=2, num_cycles=1, search_head=True, search_jointly=True)
+    assert [b.name for b in module.blocks] == ["all"] and module.engine.num_visits == 2
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    calibrate(start.qmodel, module._calib)
+    changed = {n.rsplit(".", 2)[0] for (n, p), (_, q) in zip(module.qmodel.named_buffers(),
+                                                              start.qmodel.named_buffers(), strict=True)
+               if "observer" not in n and not torch.equal(p, q)}
+    depth = len(module.qmodel.blocks)
+    assert changed == {"head", *(f"blocks.{i}.attn.{n}" for i in range(depth) for n in ("qkv", "proj"))}
+    assert module.current_fitness < module.baseline_fitness
+
+
 def test_fitness_options_all_run(tmp_path):
     for fitness in ("mse", "kl", "cosine"):
         module = make_module(num_passes=1, fitness=fitness)

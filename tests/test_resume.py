@@ -26,14 +26,14 @@ class Crash(Callback):
             raise RuntimeError("simulated pre-emption")
 
 
-def module(ckpt: str, model_name: str = "vit_tiny_patch16_224") -> EvolQModule:
+def module(ckpt: str, model_name: str = "vit_tiny_patch16_224", **options) -> EvolQModule:
     return EvolQModule(model_name=model_name, checkpoint_path=ckpt, w_bits=3, num_passes=1,
-                       population_size=4, tournament_size=3, num_cycles=2, seed=3)
+                       population_size=4, tournament_size=3, num_cycles=2, seed=3, **options)
 
 
 def fit(tmp_path, ckpt: str, callbacks=(), ckpt_path=None, model_name: str = "vit_tiny_patch16_224",
-        image_size: int | None = None) -> tuple[EvolQModule, Trainer]:
-    m = module(ckpt, model_name)
+        image_size: int | None = None, **options) -> tuple[EvolQModule, Trainer]:
+    m = module(ckpt, model_name, **options)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, inference_mode=False, callbacks=[saver, *callbacks],
@@ -78,6 +78,19 @@ def test_levit_resume_is_bitwise_identical(tmp_path):
     resumed, trainer = fit(tmp_path / "cut", ckpt, ckpt_path=str(tmp_path / "cut" / "last.ckpt"), **levit)
     assert trainer.global_step == 8 * 2
     assert all(torch.equal(a, b) for a, b in zip(scales(resumed), scales(ref), strict=True))
+
+
+def test_a_search_of_the_stem_and_head_resumes_bitwise_from_inside_the_stem_visit(tmp_path, tiny_vit_checkpoint):
+    """The stem unit caches images, not block inputs; a stop inside its visit (the first) resumes all the same."""
+    options = {"search_head": True, "search_stem": True, "strategy": "gradient"}
+    ref, _ = fit(tmp_path / "ref", tiny_vit_checkpoint, **options)
+    with pytest.raises(RuntimeError, match="pre-emption"):
+        fit(tmp_path / "cut", tiny_vit_checkpoint, callbacks=[Crash(1)], **options)
+    resumed, trainer = fit(tmp_path / "cut", tiny_vit_checkpoint, ckpt_path=str(tmp_path / "cut" / "last.ckpt"),
+                           **options)
+    assert trainer.global_step == (3 + 2) * 2
+    assert all(torch.equal(a, b) for a, b in zip(scales(resumed), scales(ref), strict=True))
+    assert resumed.current_fitness == ref.current_fitness
 
 
 def test_resuming_against_another_calibration_set_or_teacher_is_refused(tmp_path, tiny_vit_checkpoint):

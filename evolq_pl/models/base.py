@@ -15,10 +15,13 @@ from evolq_pl.quant.quantizer import FakeQuantizer
 
 @dataclass(frozen=True)
 class SearchBlock:
-    """One unit of the search: a name and the weight-quantized layers (QLinear, QConv2d) whose scales it perturbs."""
+    """One unit of the search: a name, the weight-quantized layers (QLinear, QConv2d) whose scales it perturbs, and
+    where a candidate's rerun starts: the input of block ``start`` (``forward_to``/``forward_from``), or the images
+    for None (a unit in the stem, before every block)."""
 
     name: str
     layers: tuple[QLinear | QConv2d, ...]
+    start: int | None
 
     @property
     def bits(self) -> int:
@@ -51,14 +54,44 @@ class QuantizedModel(nn.Module):
         """Classes the logits cover (sizes the accuracy metrics); every family keeps its classifier as ``head``."""
         return self.head.out_features
 
-    def search_blocks(self) -> list[SearchBlock]:
+    def block_units(self, include_mlp: bool = False) -> list[SearchBlock]:
+        """One search unit per block, in forward order; unit ``i`` starts at block ``i``."""
         raise NotImplementedError
+
+    def end_layers(self) -> tuple[tuple[QLinear | QConv2d, ...], tuple[QLinear | QConv2d, ...]]:
+        """The weight-quantized layers before the first block (stem, patch embedding) and after the last (head)."""
+        raise NotImplementedError
+
+    def search_blocks(self, include_mlp: bool = False, include_head: bool = False, include_stem: bool = False,
+                      joint: bool = False) -> list[SearchBlock]:
+        """The units of the search: one per block (``block_units``), then with ``include_head`` the classifier head
+        (rerun from the last block's output) and with ``include_stem`` the stem or patch embedding (rerun from the
+        images); the paper searches the blocks' attention only. The search visits units last to first, so these
+        first. ``joint`` makes all of them one unit, rerun from the input of its first layer's part."""
+        units = self.block_units(include_mlp)
+        stem, head = self.end_layers() if include_head or include_stem else ((), ())
+        if include_head:
+            units.append(SearchBlock("head", head, len(units)))
+        if include_stem:
+            units.append(SearchBlock("stem", stem, None))
+        if not joint:
+            return units
+        ordered = units[-1:] + units[:-1] if include_stem else units  # forward order: stem, blocks, head
+        return [SearchBlock("all", tuple(layer for u in ordered for layer in u.layers), ordered[0].start)]
 
     def forward_to(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward_from(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def prefix(self, start: int | None, x: torch.Tensor) -> torch.Tensor:
+        """What a unit starting at ``start`` (``SearchBlock.start``) caches per image batch: its input."""
+        return x if start is None else self.forward_to(start, x)
+
+    def suffix(self, start: int | None, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a cached ``prefix``: the part of the model a candidate for that unit reruns."""
+        return self(hidden) if start is None else self.forward_from(start, hidden)
 
     def quant_map(self) -> list[dict[str, str]]:
         """Every quantized tensor: where, what kind, bits, granularity, observer (users ask what is quantized)."""

@@ -26,7 +26,7 @@ from evolq_pl.models.folding import fold_conv_bn
 from evolq_pl.models.registry import register_family
 from evolq_pl.models.vit import act_quantizer, qlinear
 from evolq_pl.quant.config import QuantConfig
-from evolq_pl.quant.layers import QConv2d
+from evolq_pl.quant.layers import QConv2d, QLinear
 
 
 def _plain(m: nn.Module | None) -> bool:
@@ -119,12 +119,16 @@ class QuantCNN(QuantizedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, self.forward_to(0, x))
 
-    def search_blocks(self, include_mlp: bool = False) -> list[SearchBlock]:
+    def block_units(self, include_mlp: bool = False) -> list[SearchBlock]:
         """One search block per residual block, with all its convolutions (there is no MLP to add)."""
         if include_mlp:
             raise ValueError("search_mlp applies to transformer families: a CNN search block already holds every "
                              "convolution of its residual block; leave search_mlp false")
-        return [SearchBlock(f"blocks.{i}", b.convs()) for i, b in enumerate(self.blocks)]
+        return [SearchBlock(f"blocks.{i}", b.convs(), i) for i, b in enumerate(self.blocks)]
+
+    def end_layers(self) -> tuple[tuple[QConv2d, ...], tuple[QConv2d | QLinear, ...]]:
+        stem = tuple(m for m in self.stem.modules() if isinstance(m, QConv2d))
+        return stem, (*(m for m in self.neck.modules() if isinstance(m, QConv2d)), self.head)
 
 
 def _check_pool_and_head(pool: nn.Module, head: nn.Module, problems: list[str]) -> None:

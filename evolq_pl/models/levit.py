@@ -323,17 +323,21 @@ class QuantLevit(QuantizedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, self.embed(x))
 
-    def search_blocks(self, include_mlp: bool = False) -> list[SearchBlock]:
+    def block_units(self, include_mlp: bool = False) -> list[SearchBlock]:
         """Every Attention (qkv, proj) and AttentionDownsample (kv, q, proj) in forward order; with
         ``include_mlp`` also the MLP after it (fc1, fc2 first, so proj stays last and picks ε)."""
         names = {id(m): n for n, m in self.named_modules()}
         out = []
-        for unit in self.units:
+        for i, unit in enumerate(self.units):
             layers = unit.attention_layers()
             if include_mlp:
                 layers = (unit.mlp.fc1, unit.mlp.fc2, *layers)
-            out.append(SearchBlock(names[id(unit)], layers))
+            out.append(SearchBlock(names[id(unit)], layers, i))
         return out
+
+    def end_layers(self) -> tuple[tuple[QConv2d, ...], tuple[QLinear, ...]]:
+        stem = tuple(m for m in self.stem.children() if isinstance(m, QConv2d))
+        return stem, (self.head,) if self.head_dist is None else (self.head, self.head_dist)
 
 
 @register_family(Levit, "Levit (LeViT-128S/128/192/256/384)")

@@ -33,7 +33,7 @@ from evolq_pl.models.base import QuantizedModel, SearchBlock
 from evolq_pl.models.registry import register_family
 from evolq_pl.models.vit import act_quantizer, add_mlp_half, ptf_quantizer, qlinear
 from evolq_pl.quant.config import QuantConfig
-from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QSoftmax
+from evolq_pl.quant.layers import QConv2d, QIntLayerNorm, QLinear, QSoftmax
 from evolq_pl.quant.quantizer import FakeQuantizer
 
 
@@ -251,14 +251,17 @@ class QuantSwin(QuantizedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, self.forward_to(0, x))
 
-    def search_blocks(self, include_mlp: bool = False) -> list[SearchBlock]:
+    def block_units(self, include_mlp: bool = False) -> list[SearchBlock]:
         """One search block per Swin block: qkv and proj (and fc1, fc2 first with ``include_mlp``, so proj stays
         last and picks ε), in forward order."""
         out = []
         for (s, j), b in zip(self._where, self.blocks, strict=True):
             layers = (b.fc1, b.fc2, b.attn.qkv, b.attn.proj) if include_mlp else (b.attn.qkv, b.attn.proj)
-            out.append(SearchBlock(f"stages.{s}.blocks.{j}", layers))
+            out.append(SearchBlock(f"stages.{s}.blocks.{j}", layers, len(out)))
         return out
+
+    def end_layers(self) -> tuple[tuple[QConv2d], tuple[QLinear]]:
+        return (self.patch_proj,), (self.head,)
 
 
 @register_family(SwinTransformer, "SwinTransformer (Swin-T/S/B)")

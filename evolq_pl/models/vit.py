@@ -230,13 +230,16 @@ class QuantViT(QuantizedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, self.embed(x))
 
-    def search_blocks(self, include_mlp: bool = False) -> list[SearchBlock]:
+    def block_units(self, include_mlp: bool = False) -> list[SearchBlock]:
         """One search block per transformer block: qkv and proj (and fc1, fc2 with ``include_mlp``)."""
         out = []
         for i, b in enumerate(self.blocks):
             layers = (b.fc1, b.fc2, b.attn.qkv, b.attn.proj) if include_mlp else (b.attn.qkv, b.attn.proj)
-            out.append(SearchBlock(f"blocks.{i}", layers))
+            out.append(SearchBlock(f"blocks.{i}", layers, i))
         return out
+
+    def end_layers(self) -> tuple[tuple[QConv2d], tuple[QLinear]]:
+        return (self.patch_proj,), (self.head,)
 
 
 @register_family(VisionTransformer, "VisionTransformer (ViT, DeiT)")

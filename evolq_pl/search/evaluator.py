@@ -14,42 +14,45 @@ import torch.nn.functional as TF
 
 from evolq_pl.fitness import FitnessAccumulator, FitnessFn
 from evolq_pl.models.base import QuantizedModel, SearchBlock
-from evolq_pl.quant.layers import QLinear
+from evolq_pl.quant.layers import QConv2d, QLinear
 from evolq_pl.search.scales import ScaleVector
 
 
 @torch.no_grad()
-def suffix_fitness(qmodel: QuantizedModel, block: int, inputs: list[torch.Tensor], teachers: list[torch.Tensor],
-                   fitness_fn: FitnessFn, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Sum over batches of the fitness of the logits from block ``block``'s cached inputs, and the batch count.
+def suffix_fitness(qmodel: QuantizedModel, start: int | None, inputs: list[torch.Tensor],
+                   teachers: list[torch.Tensor], fitness_fn: FitnessFn, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Sum over batches of the fitness of the logits from the cached inputs of a unit starting at ``start``
+    (``SearchBlock.start``: a block index, or None for the images), and the batch count.
 
     The sum stays a device tensor, so scoring a candidate costs one host sync (when the caller reads it), not one
     per batch; the speed benchmark calls this too, so it times exactly what the search runs.
     """
     acc = FitnessAccumulator(device)
     for hidden, teacher in zip(inputs, teachers, strict=True):
-        acc.add(fitness_fn(qmodel.forward_from(block, hidden), teacher))
+        acc.add(fitness_fn(qmodel.suffix(start, hidden), teacher))
     return acc.total(), len(inputs)
 
 
 @contextmanager
-def per_candidate_weights(layers: Sequence[QLinear],
+def per_candidate_weights(layers: Sequence[QLinear | QConv2d],
                           params: list[list[tuple[torch.Tensor, torch.Tensor | None]]]) -> Iterator[None]:
     """Within the block, each layer computes the i-th of ``len(params)`` equal slices of its input batch with
     candidate i's weight and bias (``params[i][layer]``), the op ``QLinear.forward`` runs with that candidate's
     scales; every other module sees one batch of all candidates' images."""
     count = len(params)
 
-    def forward_for(j: int):
+    def forward_for(j: int, layer: QLinear | QConv2d):
+        op = TF.linear if isinstance(layer, QLinear) else layer._conv_forward  # the op the layer's forward runs
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             slices = x.split(x.shape[0] // count)
-            return torch.cat([TF.linear(xs, *p[j]) for xs, p in zip(slices, params, strict=True)])
+            return torch.cat([op(xs, *p[j]) for xs, p in zip(slices, params, strict=True)])
         return forward
 
     for j, layer in enumerate(layers):
-        if not isinstance(layer, QLinear):
-            raise TypeError(f"batched evaluation patches QLinear layers only, got {type(layer).__name__}")
-        layer.forward = forward_for(j)  # an instance attribute: nn.Module.__call__ finds it before the class's
+        if not isinstance(layer, QLinear | QConv2d):
+            raise TypeError(f"batched evaluation patches QLinear and QConv2d layers only, got {type(layer).__name__}")
+        layer.forward = forward_for(j, layer)  # an instance attribute: nn.Module.__call__ finds it before the class's
     try:
         yield
     finally:
@@ -79,13 +82,14 @@ class SuffixEvaluator:
             raise ValueError(f"stack must be >= 1 candidate per pass, got {stack}")
         self.qmodel, self.batches, self.teachers, self.fitness_fn = qmodel, batches, teachers, fitness_fn
         self.device, self.reduce_sum, self.stack = device, reduce_sum, stack
+        self.starts = [block.start for block in blocks]
         self.scales = [ScaleVector(block.layers) for block in blocks]
         self._inputs: list[torch.Tensor] = []
         self._moments: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def start_block(self, block: int) -> None:
-        self._inputs = [self.qmodel.forward_to(block, x) for x in self.batches]
+        self._inputs = [self.qmodel.prefix(self.starts[block], x) for x in self.batches]
 
     def end_block(self, block: int) -> None:
         self._inputs, self._moments = [], None
@@ -116,7 +120,7 @@ class SuffixEvaluator:
             for hidden in self._inputs:
                 seen.clear()
                 with suppress(_BlockDone):
-                    self.qmodel.forward_from(block, hidden)
+                    self.qmodel.suffix(self.starts[block], hidden)
         finally:
             for handle in handles:
                 handle.remove()
@@ -145,7 +149,8 @@ class SuffixEvaluator:
 
     def fitness(self, block: int) -> float:
         """Mean fitness of the model as it stands, from the inputs cached for ``block``."""
-        total, count = suffix_fitness(self.qmodel, block, self._inputs, self.teachers, self.fitness_fn, self.device)
+        total, count = suffix_fitness(self.qmodel, self.starts[block], self._inputs, self.teachers, self.fitness_fn,
+                                      self.device)
         return self._means(total, count)[0]
 
     def _means(self, totals: torch.Tensor, count: int) -> list[float]:
@@ -181,7 +186,8 @@ class SuffixEvaluator:
         if self.stack == 1:  # one after another, the plain suffix (no stacking, no patched layers)
             for scales in candidates:
                 self.apply(block, scales)
-                total, _ = suffix_fitness(self.qmodel, block, inputs, teachers, self.fitness_fn, self.device)
+                total, _ = suffix_fitness(self.qmodel, self.starts[block], inputs, teachers, self.fitness_fn,
+                                          self.device)
                 out += self._means(total, k)
             return out
         for start in range(0, len(candidates), self.stack):
@@ -193,7 +199,8 @@ class SuffixEvaluator:
             accs = [FitnessAccumulator(self.device) for _ in group]
             with per_candidate_weights(layers, params):
                 for hidden, teacher in zip(inputs, teachers, strict=True):
-                    logits = self.qmodel.forward_from(block, hidden.repeat(len(group), *[1] * (hidden.dim() - 1)))
+                    stacked = hidden.repeat(len(group), *[1] * (hidden.dim() - 1))
+                    logits = self.qmodel.suffix(self.starts[block], stacked)
                     for acc, part in zip(accs, logits.split(len(hidden)), strict=True):
                         acc.add(self.fitness_fn(part, teacher))
             out += self._means(torch.stack([acc.total() for acc in accs]), k)
@@ -214,7 +221,7 @@ class SuffixEvaluator:
                 params = [[(layer.weight_for_scale(c), layer.bias) for layer, c in zip(vector.layers, chunks,
                                                                                         strict=True)]]
                 with per_candidate_weights(vector.layers, params):
-                    loss = self.fitness_fn(self.qmodel.forward_from(block, hidden), teacher)
+                    loss = self.fitness_fn(self.qmodel.suffix(self.starts[block], hidden), teacher)
                 grad += torch.autograd.grad(loss, leaf)[0]
         n = torch.tensor(float(len(inputs)), dtype=torch.float64, device=self.device)
         if self.reduce_sum is not None:

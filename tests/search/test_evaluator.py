@@ -1,5 +1,6 @@
 """SuffixEvaluator.evaluate_many: several candidates in one pass give each candidate's one-by-one fitness, and a
-share of the calibration set is scored on its first batches."""
+share of the calibration set is scored on its first batches; for every unit, the blocks and the head and stem after
+them (``search_head``, ``search_stem``)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def evaluator(request) -> SuffixEvaluator:
     calibrate(qmodel, batches)
     with torch.no_grad(), quantization_disabled(qmodel):
         teachers = [qmodel(x).float() for x in batches]
-    return SuffixEvaluator(qmodel, qmodel.search_blocks(), batches, teachers, get_fitness("infonce"),
+    return SuffixEvaluator(qmodel, qmodel.search_blocks(include_head=True, include_stem=True), batches, teachers, get_fitness("infonce"),
                            torch.device("cpu"), stack=3)
 
 
@@ -102,7 +103,7 @@ def test_batched_evaluation_leaves_the_layers_as_they_were(evaluator):
 def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evaluator):
     """For every searched layer of the block: ‖x ŵ_cᵀ − x w_cᵀ‖² over the calibration tokens x that reach the layer
     with the model as it stands, per output channel c, ŵ_c quantized with the candidate's scale."""
-    block = len(evaluator.scales) - 1
+    block = len(evaluator.scales) - 3  # the last block (the stem after it has convolutions)
     evaluator.start_block(block)
     layers, current = evaluator.scales[block].layers, evaluator.get(block)
     inputs: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(layers))}
@@ -128,11 +129,8 @@ def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evalu
     evaluator.end_block(block)
 
 
-def test_the_gradient_is_nonzero_in_every_layers_scales_and_a_step_against_it_lowers_the_fitness(evaluator):
-    """Through straight-through rounding and the integer steps' float stand-ins; the model's scales stay put. The
-    fitness is jagged in the scales, so not every step size along the direction lowers it (as the strategy tries
-    several)."""
-    block = 0
+def _checked_gradient(evaluator: SuffixEvaluator, block: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The gradient at the block's scales, nonzero in every layer's, with the model's scales and layers untouched."""
     evaluator.start_block(block)
     current, before = evaluator.get(block), evaluator.fitness(block)
     grad = evaluator.gradient(block, current)
@@ -140,10 +138,25 @@ def test_the_gradient_is_nonzero_in_every_layers_scales_and_a_step_against_it_lo
     assert all(chunk.abs().sum() > 0 for chunk in torch.split(grad, evaluator.scales[block].sizes))
     assert torch.equal(evaluator.get(block), current) and evaluator.fitness(block) == before
     assert all("forward" not in vars(layer) for layer in evaluator.scales[block].layers)
+    return grad, current, before
+
+
+def test_the_gradient_is_nonzero_in_every_layers_scales_and_a_step_against_it_lowers_the_fitness(evaluator):
+    """Through straight-through rounding and the integer steps' float stand-ins; the model's scales stay put. The
+    fitness is jagged in the scales, so not every step size along the direction lowers it (as the strategy tries
+    several)."""
+    block = 0
+    grad, current, before = _checked_gradient(evaluator, block)
     direction = grad * current
-    unit = direction / direction.pow(2).mean().sqrt()
-    assert min(evaluator.evaluate(block, current * torch.exp(-size * unit)) for size in (0.003, 0.01, 0.03, 0.1)) < before
+    step = direction / direction.pow(2).mean().sqrt()
+    assert min(evaluator.evaluate(block, current * torch.exp(-size * step)) for size in (0.003, 0.01, 0.03, 0.1)) < before
     evaluator.end_block(block)
+
+
+@pytest.mark.parametrize("unit", ["head", "stem"])
+def test_the_gradient_reaches_the_head_and_the_stem_scales(evaluator, unit):
+    """The stem's convolutions (rerun from the images) and the head's Linear layers pass it too."""
+    _checked_gradient(evaluator, len(evaluator.scales) - (2 if unit == "head" else 1))
 
 
 def test_the_gradient_on_a_share_is_the_gradient_on_its_first_batches(evaluator):

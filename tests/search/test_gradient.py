@@ -1,5 +1,6 @@
 """Straight-through gradient steps (``strategy: gradient``): each gradient counted at its cost, steps against it
-that lower the fitness, a mutation where the gradient is zero, exact resume, selectable through the CLI."""
+that lower the fitness, a mutation where the gradient is zero, step sizes that adapt, exact resume, selectable
+through the CLI."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ CONFIG = SearchConfig(num_cycles=2, num_passes=2, eps=2e-2, strategy_options=OPT
 SIZES = (5, 3, 4)
 
 
-def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7) -> SearchEngine:
-    return toy_engine(CONFIG, "gradient", seed, evaluator, SIZES)
+def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7, **options) -> SearchEngine:
+    config = SearchConfig(num_cycles=2, num_passes=2, eps=2e-2, strategy_options={**OPTIONS, **options})
+    return toy_engine(config, "gradient", seed, evaluator, SIZES)
 
 
 def test_registered_and_selected_by_name():
@@ -48,9 +50,37 @@ def test_a_zero_gradient_falls_back_to_the_papers_mutation():
     assert torch.equal(evaluator.get(engine.schedule[0]), torch.ones(SIZES[engine.schedule[0]]))
 
 
+def _log_step(candidate: torch.Tensor, best: torch.Tensor) -> float:
+    """The root-mean-square change of the log scales from ``best`` to ``candidate``."""
+    return float((candidate.double() / best.double()).log().pow(2).mean().sqrt())
+
+
+def test_adapted_sizes_double_when_the_largest_step_is_kept_and_shrink_when_none_is():
+    strategy = GradientSteps(SearchConfig(strategy_options={"steps": [0.03, 0.1], "adapt": True}))
+    best = torch.linspace(0.5, 1.5, 6)
+    strategy.gradient = lambda scales, fraction: torch.linspace(-1, 2, 6)
+    strategy.start_visit(best, 1.0, 0.01, None)
+    small, large = strategy.ask(None)
+    assert (_log_step(small, best), _log_step(large, best)) == pytest.approx((0.03, 0.1))
+    assert strategy.tell([small, large], [0.9, 0.8]) == [False, True] and strategy.factor == 2.0
+    assert strategy.tell([small, large], [0.5, 0.7]) == [True, False] and strategy.factor == 2.0
+    strategy.start_visit(best, 0.1, 0.01, None)  # the factor carries into the next visit
+    assert [_log_step(c, best) for c in strategy.ask(None)] == pytest.approx([0.06, 0.2])
+    assert strategy.tell(strategy.ask(None), [0.2, 0.3]) == [False, False] and strategy.factor == pytest.approx(2 / 3)
+    for _ in range(6):  # 2/3 / 3**6 < 1e-3
+        strategy.tell([small, large], [0.2, 0.3])
+    assert strategy.factor == 1.0  # below a thousandth: back to the configured sizes
+    plain = GradientSteps(SearchConfig(strategy_options={"steps": [0.03, 0.1]}))
+    plain.start_visit(best, 1.0, 0.01, None)
+    plain.tell([small, large], [2.0, 2.0])
+    assert plain.factor == 1.0  # without adapt the sizes stay as configured
+
+
+@pytest.mark.parametrize("adapt", [False, True])
 @pytest.mark.parametrize("stop_after", [1, 2, 7])
-def test_save_and_restore_continues_exactly(stop_after):
-    reference, ref_reports, resumed, reports = interrupt_and_resume(make_engine, stop_after)
+def test_save_and_restore_continues_exactly(stop_after, adapt):
+    reference, ref_reports, resumed, reports = interrupt_and_resume(
+        lambda evaluator=None, seed=7: make_engine(evaluator, seed, adapt=adapt), stop_after)
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
     assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     assert same_state(resumed.state_dict(), reference.state_dict())
@@ -70,6 +100,7 @@ def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
     ({"steps": 0.1}, "steps must be a non-empty list"),
     ({"fraction": 0}, "fraction must be in \\(0, 1\\], got 0"),
     ({"momentum": 0.9}, "has no option 'momentum'"),
+    ({"adapt": "yes"}, "adapt must be true or false, got 'yes'"),
 ])
 def test_bad_settings_say_what_to_fix(options, message):
     with pytest.raises(ValueError, match=message):

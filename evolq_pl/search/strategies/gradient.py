@@ -9,6 +9,10 @@ against it. Each step is scored on the full calibration set, and the best is kep
 far, as every strategy keeps. A zero or non-finite gradient falls back to the paper's mutation, with the block's
 eps.
 
+With ``adapt``, the sizes carry a factor across generations and visits, as a line search's trust region: doubled
+when the largest step was kept, divided by 3 when none was, and back to 1 once below a thousandth. A unit searched
+many times (``search_jointly``: every layer in one unit) then keeps finding steps where fixed sizes stall.
+
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
 ``num_cycles: 1`` that is the paper's 3 evaluations per visit at 10 passes.
@@ -31,9 +35,10 @@ class GradientSteps(KeepsBest):
     """Steps of a few relative sizes against the straight-through gradient of the fitness; keep the best."""
 
     name = "gradient"
-    options = {"steps": [0.03, 0.1], "fraction": 1.0}
+    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False}
     """``steps``: the relative sizes tried per generation (root-mean-square change of the log scales);
-    ``fraction``: the share of the calibration batches the gradient is taken on."""
+    ``fraction``: the share of the calibration batches the gradient is taken on; ``adapt``: scale the sizes by
+    what the last generations kept."""
 
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
@@ -44,8 +49,12 @@ class GradientSteps(KeepsBest):
                              "e.g. [0.03, 0.1]")
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise ValueError(f"gradient fraction must be in (0, 1], got {fraction!r}; e.g. 1.0 (every batch)")
+        if not isinstance(self.option("adapt"), bool):
+            raise ValueError(f"gradient adapt must be true or false, got {self.option('adapt')!r}")
         self.fallback = False
         """Whether the last ``ask`` fell back to a mutation (the gradient was zero or not finite)."""
+        self.factor = 1.0
+        """What the sizes in ``steps`` are multiplied by (``adapt``; 1 otherwise): kept across visits."""
 
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         if self.gradient is None:
@@ -57,17 +66,28 @@ class GradientSteps(KeepsBest):
         if self.fallback:
             return [mutate(best, self.eps, rng, self.config.relative_mutation)]
         unit = direction / rms
-        return [(best.double() * torch.exp(-step * unit)).to(best.dtype) for step in self.option("steps")]
+        return [(best.double() * torch.exp(-self.factor * step * unit)).to(best.dtype)
+                for step in self.option("steps")]
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
-        return self.keep(candidates, fitnesses)
+        kept = self.keep(candidates, fitnesses)
+        if self.option("adapt") and not self.fallback:
+            steps = list(self.option("steps"))
+            if any(kept) and kept[steps.index(max(steps))]:
+                self.factor *= 2.0
+            elif not any(kept):
+                self.factor /= 3.0
+                if self.factor < 1e-3:
+                    self.factor = 1.0
+        return kept
 
     def stats(self) -> dict[str, float]:
-        return {"fallback": float(self.fallback)}
+        return {"fallback": float(self.fallback), "step_factor": self.factor}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "fallback": self.fallback}
+        return {**super().state_dict(), "fallback": self.fallback, "factor": self.factor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.fallback = bool(state["fallback"])
+        self.factor = float(state.get("factor", 1.0))  # checkpoints from before adapt have none
