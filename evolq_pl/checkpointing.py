@@ -40,8 +40,8 @@ class SearchCheckpointing(LightningModule):
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed or tested with this module."""
-        units = {k: True for k in ("search_head", "search_stem", "search_jointly") if self.hparams[k]}  # older
-        # checkpoints lack these keys: they name them only when set
+        # checkpoints from before these options lack their keys, so they are named only when set
+        units = {k: True for k in ("search_head", "search_stem", "search_jointly") if self.hparams[k]}
         return {"model_name": self.hparams.model_name, "qconfig": repr(self.qconfig),
                 "num_blocks": len(self.blocks), "search_mlp": self.hparams.search_mlp, **units}
 

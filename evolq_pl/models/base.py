@@ -67,7 +67,8 @@ class QuantizedModel(nn.Module):
         """The units of the search: one per block (``block_units``), then with ``include_head`` the classifier head
         (rerun from the last block's output) and with ``include_stem`` the stem or patch embedding (rerun from the
         images); the paper searches the blocks' attention only. The search visits units last to first, so these
-        first. ``joint`` makes all of them one unit, rerun from the input of its first layer's part."""
+        first. ``joint`` makes all of them one unit, rerun from the images if it holds the stem, else from block 0's
+        input."""
         units = self.block_units(include_mlp)
         stem, head = self.end_layers() if include_head or include_stem else ((), ())
         if include_head:
