@@ -65,38 +65,57 @@ def mean(values) -> float:
     return statistics.mean(values)
 
 
-def heldout(by_label: dict[str, dict[int, dict[str, Any]]], name: str, seeds: list[int]) -> float | None:
-    """A strategy's mean held-out top-1 over the seeds, or None where a seed is missing."""
+def heldout(by_label: dict[str, dict[int, dict[str, Any]]], name: str, seeds: list[int],
+            metric: str = "top1") -> float | None:
+    """A strategy's mean held-out ``metric`` (top-1, or ``kl_fp``) over the seeds, or None where a seed is missing."""
     rows = by_label.get(name, {})
-    return mean(rows[s]["heldout"]["evolq"]["top1"] for s in seeds) if all(s in rows for s in seeds) else None
+    return mean(rows[s]["heldout"]["evolq"][metric] for s in seeds) if all(s in rows for s in seeds) else None
 
 
 def pick(by_label: dict[str, dict[int, dict[str, Any]]], seeds: list[int], candidates: tuple[str, ...],
-         noise: float, standing: str | None = None) -> tuple[str | None, str]:
+         noise: float, standing: str | None = None, kl_tie: float | None = None) -> tuple[str | None, str]:
     """The pre-registered choice among the candidates with every seed, and how it was made; with ``standing`` (an
-    earlier round's pick), the choice replaces it only by a held-out margin above ``noise``."""
+    earlier round's pick), the choice replaces it only by a held-out margin above ``noise``. With ``kl_tie`` (round
+    4), a tie goes to the strategy whose mean held-out KL to FP is lower by more than that fraction (the first
+    listed's, or the standing pick's), else as before."""
     scores = [(score, c) for c in candidates if (score := heldout(by_label, c, seeds)) is not None]
     if not scores:
         return None, "no candidate has every seed"
+
+    def lower_kl(name: str, than: str) -> bool:
+        return kl_tie is not None and heldout(by_label, name, seeds, "kl_fp") < (1 - kl_tie) * heldout(
+            by_label, than, seeds, "kl_fp")
+
     best = max(score for score, _ in scores)
     tied = [c for score, c in scores if best - score <= noise]
     chosen = tied[0]  # scores keep the candidates' order: the first listed wins a tie
+    if len(tied) > 1:
+        chosen = min(tied, key=lambda c: heldout(by_label, c, seeds, "kl_fp")) if kl_tie is not None else chosen
+        chosen = chosen if chosen == tied[0] or lower_kl(chosen, tied[0]) else tied[0]
     others = [f"{c} {score:.2f}" for score, c in scores]
     margin = best - max((score for score, c in scores if c != chosen), default=best)
-    how = "tie, first listed" if len(tied) > 1 else f"margin {margin:.2f}"
+    how = (f"margin {margin:.2f}" if len(tied) == 1 else "tie, first listed" if chosen == tied[0]
+           else f"tie, held-out KL more than {kl_tie:.0%} lower")
     old = None if standing is None else heldout(by_label, standing, seeds)
     if old is None:
         return chosen, f"held-out {', '.join(others)} ({how})"
     ahead = dict((c, score) for score, c in scores)[chosen] - old
-    verdict = f"{ahead:+.2f} over {standing}: " + ("replaces it" if ahead > noise else f"{standing} stands")
-    return (chosen if ahead > noise else standing), f"held-out {', '.join(others)} ({how}); {verdict}"
+    if abs(ahead) <= noise and kl_tie is not None:
+        replaces = lower_kl(chosen, standing)
+        kl = f"a tie; held-out KL {heldout(by_label, chosen, seeds, 'kl_fp'):.4f} vs " \
+             f"{heldout(by_label, standing, seeds, 'kl_fp'):.4f}, "
+    else:
+        replaces, kl = ahead > noise, ""
+    verdict = f"{ahead:+.2f} over {standing}: {kl}" + ("replaces it" if replaces else f"{standing} stands")
+    return (chosen if replaces else standing), f"held-out {', '.join(others)} ({how}); {verdict}"
 
 
-def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, standing: str | None = None) -> str:
+def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, standing: str | None = None,
+          kl_tie: float | None = None) -> str:
     lines = ["| model | W/A | strategy | evaluations | held-out top-1 | test top-1 (base → searched) | Δ paired "
              "| gap recovered | search s | held-out pick |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (ckpt, w), by_label in grouped.items():
-        chosen, how = pick(by_label, seeds, candidates, noise, standing)
+        chosen, how = pick(by_label, seeds, candidates, noise, standing, kl_tie)
         for name, rows in by_label.items():
             if not all(s in rows for s in seeds):
                 continue
@@ -193,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="in pre-registered order")
     parser.add_argument("--standing", default=None, help="an earlier round's pick, replaced only beyond the noise")
     parser.add_argument("--noise", type=float, default=0.18, help="held-out margin (points) that counts as a tie")
+    parser.add_argument("--kl-tie", type=float, default=None,
+                        help="round 4's tie rule: a tie goes to the strategy whose held-out KL to FP is lower by "
+                             "more than this fraction (e.g. 0.06)")
     parser.add_argument("--png", default="")
     parser.add_argument("--tensorboard", default="", help="folder for the TensorBoard scalars of the plot")
     args = parser.parse_args(argv)
@@ -202,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path} does not exist: run benchmarks.accuracy first or drop it from the list")
         rows += json.loads(Path(path).read_text())
     grouped = groups(rows)
-    print(table(grouped, args.seeds, tuple(args.candidates), args.noise, args.standing))
+    print(table(grouped, args.seeds, tuple(args.candidates), args.noise, args.standing, args.kl_tie))
     for problem in baseline_check(grouped, args.seeds):
         print("BASELINE MISMATCH:", problem)
     if args.png:

@@ -4,11 +4,12 @@ tie won by the first listed candidate, and the test set never decides."""
 from benchmarks.strategy_report import baseline_check, groups, pick, table
 
 
-def _row(strategy: str, seed: int, heldout: float, test: float, base: float = 80.0, settings: str = "") -> dict:
+def _row(strategy: str, seed: int, heldout: float, test: float, base: float = 80.0, settings: str = "",
+         kl: float = 0.05) -> dict:
     return {"checkpoint": "m.pth", "w_bits": 2, "seed": seed, "strategy": strategy, "settings": settings,
             "passes": 10, "evaluations": 361, "search_s": 1.0, "fitness_before": 1.0,
             "fp": {"top1": 90.0}, "baseline": {"top1": base}, "evolq": {"top1": test},
-            "heldout": {"evolq": {"top1": heldout}}}
+            "heldout": {"evolq": {"top1": heldout, "kl_fp": kl}}}
 
 
 def test_the_best_heldout_candidate_is_picked_whatever_its_test_top1():
@@ -54,3 +55,25 @@ def test_a_later_rounds_pick_replaces_the_standing_one_only_beyond_the_noise():
         r["heldout"]["evolq"]["top1"] = 84.5
     chosen, how = pick(by_label, [0, 1, 2], ("gradient", "gradient-mlp"), 0.18, standing="multifidelity")
     assert chosen == "gradient" and "replaces it" in how
+
+
+def test_round_4_breaks_a_tie_by_a_held_out_kl_lower_beyond_its_noise():
+    """A tie between candidates, or with the standing pick, goes to the lower held-out KL to FP only where it is
+    more than ``kl_tie`` lower; a margin beyond the top-1 noise still decides alone."""
+    joint = "search_head=true search_jointly=true"
+    rows = ([_row("multifidelity", s, 84.0, 81.0, kl=0.050) for s in range(3)]
+            + [_row("gradient", s, 84.1, 80.0, settings=joint, kl=0.048) for s in range(3)]
+            + [_row("gradient", s, 84.05, 82.0, settings=joint + " search_mlp=true", kl=0.040) for s in range(3)])
+    by_label = groups(rows)[("m.pth", 2)]
+    candidates = ("gradient-joint-head", "gradient-joint-head-mlp")
+    chosen, how = pick(by_label, [0, 1, 2], candidates, 0.18, "multifidelity", kl_tie=0.06)
+    assert chosen == "gradient-joint-head-mlp" and "tie, held-out KL more than 6% lower" in how
+    assert "a tie; held-out KL 0.0400 vs 0.0500, replaces it" in how
+    assert pick(by_label, [0, 1, 2], candidates, 0.18, "multifidelity")[0] == "multifidelity"  # round 3's rule
+    for r in rows[6:]:
+        r["heldout"]["evolq"]["kl_fp"] = 0.0475  # 1% below the first listed's, 5% below multifidelity's
+    chosen, how = pick(by_label, [0, 1, 2], candidates, 0.18, "multifidelity", kl_tie=0.06)
+    assert chosen == "multifidelity" and "tie, first listed" in how and "multifidelity stands" in how
+    for r in rows[:3]:
+        r["heldout"]["evolq"]["top1"] = 83.8  # the first listed is now 0.30 ahead: beyond the noise, KL aside
+    assert pick(by_label, [0, 1, 2], candidates, 0.18, "multifidelity", kl_tie=0.06)[0] == "gradient-joint-head"
