@@ -179,10 +179,13 @@ def plot(data, png: Path, tensorboard: Path | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 4), squeeze=False)
+    names = list(dict.fromkeys(name for by_label in data.values() for name in by_label))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per strategy in every panel
     for ax, ((ckpt, w), by_label) in zip(axes[0], data.items(), strict=True):
         for name, series in by_label.items():
             xs, ys = zip(*series, strict=True)
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=name, linestyle="-" if len(xs) > 1 else "none")
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=name, color=colors[name],
+                    linestyle="-" if len(xs) > 1 else "none")
         ax.axhline(50, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{ckpt.removesuffix('_fmnist.pth')} W{w}A8 (mean of seeds)")
         ax.set_xlabel("fitness evaluations (full calibration set equivalents)")

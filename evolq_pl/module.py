@@ -53,8 +53,9 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
         search_head: also search the classifier head's weight scales, as one more unit (visited first in a pass).
         search_stem: also search the stem's (patch embedding's) weight scales, as one more unit rerun from the
             images (visited first in a pass, before the head).
-        search_jointly: search all the scales above as one unit, so that every visit moves every layer's scales
-            (with ``strategy: gradient``, one gradient through the whole model per generation).
+        search_jointly: search the blocks' (and the head's) scales as one unit, so that every visit moves all of
+            them (with ``strategy: gradient``, one gradient through the whole model per generation); a searched
+            stem stays a unit of its own.
         fitness: ``infonce`` (the reference), ``mse``, ``kl`` or ``cosine``.
         temperature: infoNCE temperature T (the loss is multiplied by 2T).
         teacher: ``fp`` (the unquantized model) or ``int_ln`` (the original's teacher: integer LayerNorm left on).

@@ -67,18 +67,17 @@ class QuantizedModel(nn.Module):
         """The units of the search: one per block (``block_units``), then with ``include_head`` the classifier head
         (rerun from the last block's output) and with ``include_stem`` the stem or patch embedding (rerun from the
         images); the paper searches the blocks' attention only. The search visits units last to first, so these
-        first. ``joint`` makes all of them one unit, rerun from the images if it holds the stem, else from block 0's
-        input."""
+        first. ``joint`` makes the blocks and the head one unit, rerun from block 0's input; the stem stays a unit
+        of its own, as no gradient step lowers its fitness (benchmarks/RESULTS.md, "Round 4")."""
         units = self.block_units(include_mlp)
         stem, head = self.end_layers() if include_head or include_stem else ((), ())
         if include_head:
             units.append(SearchBlock("head", head, len(units)))
+        if joint:
+            units = [SearchBlock("all", tuple(layer for u in units for layer in u.layers), 0)]
         if include_stem:
             units.append(SearchBlock("stem", stem, None))
-        if not joint:
-            return units
-        ordered = units[-1:] + units[:-1] if include_stem else units  # forward order: stem, blocks, head
-        return [SearchBlock("all", tuple(layer for u in ordered for layer in u.layers), ordered[0].start)]
+        return units
 
     def forward_to(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -56,11 +56,11 @@ def test_with_the_mlps_and_the_ends_every_weight_of_a_transformer_is_searched(fa
 
 @pytest.mark.parametrize("stem", [False, True])
 @torch.no_grad()
-def test_a_joint_unit_holds_every_chosen_layer_in_forward_order_and_reruns_from_its_first(stem):
+def test_a_joint_unit_holds_the_blocks_and_head_in_forward_order_and_the_stem_stays_its_own(stem):
     qmodel, x = _calibrated("levit")
     units = qmodel.search_blocks(True, True, stem)
-    (joint,) = qmodel.search_blocks(True, True, stem, joint=True)
-    ordered = units[-1:] + units[:-1] if stem else units
-    assert joint.layers == tuple(layer for u in ordered for layer in u.layers)
-    assert joint.start == (None if stem else 0) and joint.layers[-1] is qmodel.head_dist
-    assert torch.equal(qmodel.suffix(joint.start, qmodel.prefix(joint.start, x)), qmodel(x))
+    joint = qmodel.search_blocks(True, True, stem, joint=True)
+    assert [u.name for u in joint] == ["all", *(["stem"] if stem else [])]
+    assert joint[0].layers == tuple(layer for u in units[:len(units) - stem] for layer in u.layers)
+    assert joint[0].start == 0 and joint[0].layers[-1] is qmodel.head_dist and joint[1:] == units[len(units) - stem:]
+    assert torch.equal(qmodel.suffix(0, qmodel.prefix(0, x)), qmodel(x))

@@ -4,6 +4,7 @@ through the CLI."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,29 @@ def test_adapted_sizes_double_when_the_largest_step_is_kept_and_shrink_when_none
     assert plain.factor == 1.0  # without adapt the sizes stay as configured
 
 
+def test_mutants_are_scored_beside_the_steps_and_count_one_evaluation_each():
+    """The paper's mutations of the best scales join every generation's candidates (and a fallback's); a kept
+    mutant leaves the steps failed, so the adapted sizes shrink all the same."""
+    engine = make_engine(mutants=2, adapt=True)
+    reports = run(engine)
+    assert all(len(r.fitnesses) == 4 for r in reports)
+    generations = engine.num_visits * CONFIG.num_cycles
+    assert engine.state.evaluations == pytest.approx(1 + generations * (GRADIENT_COST * 0.5 + 2 + 2))
+    strategy = GradientSteps(SearchConfig(eps=0.01, relative_mutation=True,
+                                          strategy_options={"steps": [0.03, 0.1], "adapt": True, "mutants": 2}))
+    best = torch.linspace(0.5, 1.5, 6)
+    strategy.gradient = lambda scales, fraction: torch.linspace(-1, 2, 6)
+    strategy.start_visit(best, 1.0, 0.01, None)
+    rng = np.random.default_rng(0)
+    candidates = strategy.ask(rng)
+    assert len(candidates) == 4
+    assert all(0 < float((c / best - 1).abs().max()) <= 0.01 for c in candidates[2:])  # relative, within eps
+    assert strategy.tell(candidates, [1.5, 1.2, 0.9, 1.1]) == [False, False, True, False]
+    assert strategy.factor == pytest.approx(1 / 3)
+    strategy.gradient = lambda scales, fraction: torch.zeros(6)
+    assert len(strategy.ask(rng)) == 3 and strategy.fallback  # one fallback mutation and the two mutants
+
+
 @pytest.mark.parametrize("adapt", [False, True])
 @pytest.mark.parametrize("stop_after", [1, 2, 7])
 def test_save_and_restore_continues_exactly(stop_after, adapt):
@@ -101,6 +125,7 @@ def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
     ({"fraction": 0}, "fraction must be in \\(0, 1\\], got 0"),
     ({"momentum": 0.9}, "has no option 'momentum'"),
     ({"adapt": "yes"}, "adapt must be true or false, got 'yes'"),
+    ({"mutants": -1}, "mutants must be a whole number >= 0, got -1"),
 ])
 def test_bad_settings_say_what_to_fix(options, message):
     with pytest.raises(ValueError, match=message):

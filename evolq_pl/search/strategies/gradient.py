@@ -13,6 +13,10 @@ With ``adapt``, the sizes carry a factor across generations and visits, as a lin
 when the largest step was kept, divided by 3 when none was, and back to 1 once below a thousandth. A unit searched
 many times (``search_jointly``: every layer in one unit) then keeps finding steps where fixed sizes stall.
 
+With ``mutants``, each generation also scores that many of the paper's mutations of the best scales (with the
+block's eps, relative with ``relative_mutation``), for units whose fitness no gradient step lowers: a stem, whose
+landscape is too jagged at every step size measured.
+
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
 ``num_cycles: 1`` that is the paper's 3 evaluations per visit at 10 passes.
@@ -35,10 +39,10 @@ class GradientSteps(KeepsBest):
     """Steps of a few relative sizes against the straight-through gradient of the fitness; keep the best."""
 
     name = "gradient"
-    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False}
+    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0}
     """``steps``: the relative sizes tried per generation (root-mean-square change of the log scales);
     ``fraction``: the share of the calibration batches the gradient is taken on; ``adapt``: scale the sizes by
-    what the last generations kept."""
+    what the last generations kept; ``mutants``: mutations scored beside the steps in each generation."""
 
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
@@ -49,6 +53,9 @@ class GradientSteps(KeepsBest):
                              "e.g. [0.03, 0.1]")
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise ValueError(f"gradient fraction must be in (0, 1], got {fraction!r}; e.g. 1.0 (every batch)")
+        mutants = self.option("mutants")
+        if isinstance(mutants, bool) or not isinstance(mutants, int) or mutants < 0:
+            raise ValueError(f"gradient mutants must be a whole number >= 0, got {mutants!r}; e.g. 2")
         if not isinstance(self.option("adapt"), bool):
             raise ValueError(f"gradient adapt must be true or false, got {self.option('adapt')!r}")
         self.fallback = False
@@ -63,19 +70,20 @@ class GradientSteps(KeepsBest):
         direction = self.gradient(best, float(self.option("fraction"))).double() * best.double()  # d fitness / d log s
         rms = float(direction.pow(2).mean().sqrt())
         self.fallback = not (math.isfinite(rms) and rms > 0)
+        mutants = [mutate(best, self.eps, rng, self.config.relative_mutation) for _ in range(self.option("mutants"))]
         if self.fallback:
-            return [mutate(best, self.eps, rng, self.config.relative_mutation)]
+            return [mutate(best, self.eps, rng, self.config.relative_mutation), *mutants]
         unit = direction / rms
-        return [(best.double() * torch.exp(-self.factor * step * unit)).to(best.dtype)
-                for step in self.option("steps")]
+        return [*((best.double() * torch.exp(-self.factor * step * unit)).to(best.dtype)
+                  for step in self.option("steps")), *mutants]
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
         kept = self.keep(candidates, fitnesses)
         if self.option("adapt") and not self.fallback:
             steps = list(self.option("steps"))
-            if any(kept) and kept[steps.index(max(steps))]:
+            if kept[steps.index(max(steps))]:
                 self.factor *= 2.0
-            elif not any(kept):
+            elif not any(kept[:len(steps)]):  # the steps failed (a mutant may still have been kept)
                 self.factor /= 3.0
                 if self.factor < 1e-3:
                     self.factor = 1.0
