@@ -89,9 +89,9 @@ def pick(by_label: dict[str, dict[int, dict[str, Any]]], seeds: list[int], candi
     best = max(score for score, _ in scores)
     tied = [c for score, c in scores if best - score <= noise]
     chosen = tied[0]  # scores keep the candidates' order: the first listed wins a tie
-    if len(tied) > 1:
-        chosen = min(tied, key=lambda c: heldout(by_label, c, seeds, "kl_fp")) if kl_tie is not None else chosen
-        chosen = chosen if chosen == tied[0] or lower_kl(chosen, tied[0]) else tied[0]
+    if len(tied) > 1 and kl_tie is not None:
+        lowest = min(tied, key=lambda c: heldout(by_label, c, seeds, "kl_fp"))
+        chosen = lowest if lower_kl(lowest, tied[0]) else tied[0]
     others = [f"{c} {score:.2f}" for score, c in scores]
     margin = best - max((score for score, c in scores if c != chosen), default=best)
     how = (f"margin {margin:.2f}" if len(tied) == 1 else "tie, first listed" if chosen == tied[0]

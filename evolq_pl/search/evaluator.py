@@ -37,8 +37,8 @@ def suffix_fitness(qmodel: QuantizedModel, start: int | None, inputs: list[torch
 def per_candidate_weights(layers: Sequence[QLinear | QConv2d],
                           params: list[list[tuple[torch.Tensor, torch.Tensor | None]]]) -> Iterator[None]:
     """Within the block, each layer computes the i-th of ``len(params)`` equal slices of its input batch with
-    candidate i's weight and bias (``params[i][layer]``), the op ``QLinear.forward`` runs with that candidate's
-    scales; every other module sees one batch of all candidates' images."""
+    candidate i's weight and bias (``params[i][layer]``), the op ``QLinear.forward`` (``QConv2d.forward``) runs with
+    that candidate's scales; every other module sees one batch of all candidates' images."""
     count = len(params)
 
     def forward_for(j: int, layer: QLinear | QConv2d):

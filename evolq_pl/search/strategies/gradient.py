@@ -70,9 +70,10 @@ class GradientSteps(KeepsBest):
         direction = self.gradient(best, float(self.option("fraction"))).double() * best.double()  # d fitness / d log s
         rms = float(direction.pow(2).mean().sqrt())
         self.fallback = not (math.isfinite(rms) and rms > 0)
-        mutants = [mutate(best, self.eps, rng, self.config.relative_mutation) for _ in range(self.option("mutants"))]
+        count = self.option("mutants") + self.fallback  # a fallback mutation stands in for the steps
+        mutants = [mutate(best, self.eps, rng, self.config.relative_mutation) for _ in range(count)]
         if self.fallback:
-            return [mutate(best, self.eps, rng, self.config.relative_mutation), *mutants]
+            return mutants
         unit = direction / rms
         return [*((best.double() * torch.exp(-self.factor * step * unit)).to(best.dtype)
                   for step in self.option("steps")), *mutants]
