@@ -132,11 +132,17 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
 
 
 def parse_value(text: str) -> Any:
-    """``true``/``false``, a number, a list of them (``[0.03,0.1]``), or the text itself."""
+    """``true``/``false``, a number, a list of them (``[0.03,0.1]``), a flat mapping to them (``{stem:4}``), or the
+    text itself."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     if text.startswith("[") and text.endswith("]"):
         return [parse_value(item.strip()) for item in text[1:-1].split(",") if item.strip()]
+    if text.startswith("{") and text.endswith("}"):
+        pairs = [item.partition(":") for item in text[1:-1].split(",") if item.strip()]
+        if not all(sep and key.strip() for key, sep, _ in pairs):
+            raise SystemExit(f"--set value {text!r}: write a mapping as {{NAME:VALUE,...}}, e.g. {{stem:4}}")
+        return {key.strip(): parse_value(value.strip()) for key, _, value in pairs}
     for cast in (int, float):
         try:
             return cast(text)

@@ -112,7 +112,7 @@ class EvolQModule(ClassifierEvaluation, SearchCheckpointing, CalibratedTeacher):
         self.qmodel.requires_grad_(False)
         self.blocks = self.qmodel.search_blocks(search_mlp, search_head, search_stem, search_jointly)
         self.engine = SearchEngine(len(self.blocks), [search.resolve_eps(b.bits) for b in self.blocks], search,
-                                   strategy, seed)
+                                   strategy, seed, names=[b.name for b in self.blocks])
         self.init_metrics(self.qmodel.num_classes)
         self.init_checkpointing()
         self.init_calibration()

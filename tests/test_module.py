@@ -16,7 +16,7 @@ from evolq_pl.data import DemoDataModule
 from evolq_pl.module import EvolQModule
 from evolq_pl.quant.fused import fused_enabled, fused_kernels
 from evolq_pl.quant.modes import calibrate, quantization_disabled
-from evolq_pl.search.engine import same_state
+from evolq_pl.search.engine import GRADIENT_COST, same_state
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.trainer import quantized_model_for
 
@@ -194,6 +194,20 @@ def test_a_joint_search_moves_every_blocks_and_the_heads_scales_in_each_visit(tm
     depth = len(module.qmodel.blocks)
     assert changed == {"head", *(f"blocks.{i}.attn.{n}" for i in range(depth) for n in ("qkv", "proj"))}
     assert module.current_fitness < module.baseline_fitness
+
+
+def test_the_stem_named_in_mutation_units_gets_mutations_and_the_joint_unit_the_gradient(tmp_path):
+    """The module tells the engine its unit names, so ``mutation_units: {stem: 3}`` reaches the stem's visits."""
+    options = {"mutation_units": {"stem": 3}, "adapt": True}
+    module = make_module(num_passes=2, num_cycles=1, search_head=True, search_jointly=True, search_stem=True,
+                         strategy="gradient", fitness="kl", eps=0.01, relative_mutation=True,
+                         strategy_options=options)
+    assert [b.name for b in module.blocks] == ["all", "stem"]
+    make_trainer(tmp_path, module).fit(module, datamodule=make_data(module))
+    assert module.engine.state.evaluations == 1 + 2 * 3 + 2 * (GRADIENT_COST + 2)
+    assert module.current_fitness < module.baseline_fitness
+    with pytest.raises(ValueError, match="mutation_units names stem, .*its units are all "):
+        make_module(search_jointly=True, strategy="gradient", strategy_options=options)
 
 
 def test_fitness_options_all_run(tmp_path):

@@ -173,14 +173,19 @@ class SearchEngine:
     """Runs the schedule: blocks last to first, ``num_passes`` times, ``num_cycles`` generations per visit."""
 
     def __init__(self, num_blocks: int, eps: Sequence[float], config: SearchConfig, strategy: str = "evolq",
-                 seed: int = 0, evaluator: Evaluator | None = None) -> None:
+                 seed: int = 0, evaluator: Evaluator | None = None, names: Sequence[str] | None = None) -> None:
         if len(eps) != num_blocks:
             raise ValueError(f"need one mutation eps per block: {len(eps)} for {num_blocks} blocks")
+        self.names = [str(i) for i in range(num_blocks)] if names is None else list(names)
+        """Each block's unit name (``SearchBlock.name``), told to the strategy as ``Strategy.unit``."""
+        if len(self.names) != num_blocks or len(set(self.names)) != num_blocks:
+            raise ValueError(f"need one distinct name per block: {self.names} for {num_blocks} blocks")
         self.config = config
         self.schedule = block_schedule(num_blocks, config.num_passes)
         self.eps = [float(e) for e in eps]
         self.evaluator = evaluator
         self.state = SearchState(rng=np.random.default_rng(seed), strategy=get_strategy(strategy)(config))
+        self.state.strategy.check_units(self.names)
         self._prepared: int | None = None  # the visit the evaluator is prepared for (not state: a resume redoes it)
 
     # -- where the search stands -----------------------------------------------------------------------------------
@@ -260,6 +265,7 @@ class SearchEngine:
         if self.done:
             raise RuntimeError(f"the search is finished: all {self.num_visits} block visits are done")
         s, evaluator = self.state, self._evaluator()
+        s.strategy.unit = self.names[self.schedule[self.next_visit]]
         if self.next_visit != s.visit:
             self._begin_visit(self.next_visit)
         elif self._prepared != s.visit:  # resumed inside a visit: strategy, rng and counters came from state

@@ -20,9 +20,12 @@ def test_strategy_pairs_become_the_strategy_and_its_options():
         "strategy": "cmaes", "strategy_options": {"popsize": 5, "sigma": 0.03}}
     assert module_overrides(["strategy=gradient", "strategy.steps=[0.1, 0.3]"]) == {
         "strategy": "gradient", "strategy_options": {"steps": [0.1, 0.3]}}
+    assert module_overrides(["strategy.mutation_units={stem:4, head: 1}"]) == {
+        "strategy_options": {"mutation_units": {"stem": 4, "head": 1}}}
 
 
-@pytest.mark.parametrize("pair, hint", [("eps", "NAME=VALUE"), ("w_bits=3", "--bits")])
+@pytest.mark.parametrize("pair, hint", [("eps", "NAME=VALUE"), ("w_bits=3", "--bits"),
+                                        ("strategy.mutation_units={stem}", "{NAME:VALUE,...}")])
 def test_bad_set_pair_fails_with_a_hint(pair, hint):
     with pytest.raises(SystemExit, match=hint):
         module_overrides([pair])

@@ -100,11 +100,36 @@ def test_mutants_are_scored_beside_the_steps_and_count_one_evaluation_each():
     assert len(strategy.ask(rng)) == 3 and strategy.fallback  # one fallback mutation and the two mutants
 
 
-@pytest.mark.parametrize("adapt", [False, True])
+def test_mutation_units_are_searched_by_mutations_alone_without_a_gradient_or_its_cost():
+    """The engine tells the strategy which unit it visits; a unit in ``mutation_units`` gets that many mutations
+    per generation and no gradient, and its generations leave the adapted sizes alone."""
+    engine = make_engine(mutation_units={"1": 3}, adapt=True)
+    asked: list[int] = []
+    gradient = engine.evaluator.gradient
+    engine.evaluator.gradient = lambda block, *args: asked.append(block) or gradient(block, *args)
+    factors = {}
+    for report in run(engine):
+        assert len(report.fitnesses) == (3 if report.block == 1 else 2)
+        factors.setdefault(report.visit, []).append(report.stats["step_factor"])
+    assert 1 not in asked and set(asked) == {0, 2}
+    mutating = engine.num_visits // len(SIZES) * CONFIG.num_cycles  # block 1's generations
+    assert engine.state.evaluations == pytest.approx(1 + mutating * 3 + 2 * mutating * (GRADIENT_COST * 0.5 + 2))
+    for visit, values in factors.items():  # block 1's visits end with the factor the visit before left
+        if engine.schedule[visit] == 1:
+            assert set(values) == {factors[visit - 1][-1]}
+
+
+@pytest.mark.parametrize("units", [{"stem": 2}, {"1": 2, "head": 1}])
+def test_mutation_units_naming_no_unit_are_refused_with_the_units_there_are(units):
+    with pytest.raises(ValueError, match="mutation_units names (head|stem), .*its units are 0, 1, 2 .*search_stem"):
+        make_engine(mutation_units=units)
+
+
+@pytest.mark.parametrize(("adapt", "units"), [(False, {}), (True, {}), (True, {"0": 2})])
 @pytest.mark.parametrize("stop_after", [1, 2, 7])
-def test_save_and_restore_continues_exactly(stop_after, adapt):
+def test_save_and_restore_continues_exactly(stop_after, adapt, units):
     reference, ref_reports, resumed, reports = interrupt_and_resume(
-        lambda evaluator=None, seed=7: make_engine(evaluator, seed, adapt=adapt), stop_after)
+        lambda evaluator=None, seed=7: make_engine(evaluator, seed, adapt=adapt, mutation_units=units), stop_after)
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
     assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     assert same_state(resumed.state_dict(), reference.state_dict())
@@ -126,6 +151,8 @@ def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
     ({"momentum": 0.9}, "has no option 'momentum'"),
     ({"adapt": "yes"}, "adapt must be true or false, got 'yes'"),
     ({"mutants": -1}, "mutants must be a whole number >= 0, got -1"),
+    ({"mutation_units": ["stem"]}, "mutation_units must map unit names to mutations per generation .* got \\['stem'\\]"),
+    ({"mutation_units": {"stem": 0}}, "mutation_units must map unit names to mutations per generation"),
 ])
 def test_bad_settings_say_what_to_fix(options, message):
     with pytest.raises(ValueError, match=message):

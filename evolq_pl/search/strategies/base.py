@@ -36,6 +36,9 @@ class Strategy(ABC):
     """Set by the engine before each ``ask`` where the evaluator offers it: (scales, fraction) -> the straight-through
     gradient of the fitness at ``scales`` on that share of the calibration set (``BatchEvaluator.gradient``), which
     the engine counts as ``GRADIENT_COST`` evaluations per full set. Not state: the engine sets it again."""
+    unit: str | None = None
+    """The name of the unit being visited (``SearchBlock.name``, e.g. ``stem``), set by the engine before
+    ``start_visit`` and each ``ask``, for options that treat units differently. Not state: the engine sets it again."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -51,6 +54,10 @@ class Strategy(ABC):
             known = ", ".join(sorted(self.options)) or "none"
             raise ValueError(f"strategy {self.name!r} has no option {', '.join(map(repr, unknown))}: "
                              f"it understands {known}")
+
+    def check_units(self, names: list[str]) -> None:
+        """Refuse options that name a unit the search does not have; ``names``: every unit, in block order."""
+        return None  # most strategies treat every unit alike
 
     def option(self, key: str) -> Any:
         """A ``strategy_options`` value, or its default from ``options``."""

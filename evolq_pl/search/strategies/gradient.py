@@ -15,7 +15,9 @@ many times (``search_jointly``: every layer in one unit) then keeps finding step
 
 With ``mutants``, each generation also scores that many of the paper's mutations of the best scales (with the
 block's eps, relative with ``relative_mutation``), for units whose fitness no gradient step lowers: a stem, whose
-landscape is too jagged at every step size measured.
+landscape is too jagged at every step size measured. With ``mutation_units`` (e.g. ``{stem: 4}``), the units named
+there are searched by that many mutations per generation alone, without a gradient (nor its cost): the stem gets
+what lowers its fitness, the rest of the model the steps (benchmarks/RESULTS.md, "LeViT's stem").
 
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
@@ -39,10 +41,11 @@ class GradientSteps(KeepsBest):
     """Steps of a few relative sizes against the straight-through gradient of the fitness; keep the best."""
 
     name = "gradient"
-    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0}
+    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0, "mutation_units": {}}
     """``steps``: the relative sizes tried per generation (root-mean-square change of the log scales);
     ``fraction``: the share of the calibration batches the gradient is taken on; ``adapt``: scale the sizes by
-    what the last generations kept; ``mutants``: mutations scored beside the steps in each generation."""
+    what the last generations kept; ``mutants``: mutations scored beside the steps in each generation;
+    ``mutation_units``: unit name -> mutations per generation, for units searched by mutations alone."""
 
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
@@ -56,6 +59,11 @@ class GradientSteps(KeepsBest):
         mutants = self.option("mutants")
         if isinstance(mutants, bool) or not isinstance(mutants, int) or mutants < 0:
             raise ValueError(f"gradient mutants must be a whole number >= 0, got {mutants!r}; e.g. 2")
+        units = self.option("mutation_units")
+        if not isinstance(units, dict) or not all(isinstance(k, str) and isinstance(n, int) and not isinstance(
+                n, bool) and n >= 1 for k, n in units.items()):
+            raise ValueError(f"gradient mutation_units must map unit names to mutations per generation (whole "
+                             f"numbers >= 1), got {units!r}; e.g. {{stem: 4}}")
         if not isinstance(self.option("adapt"), bool):
             raise ValueError(f"gradient adapt must be true or false, got {self.option('adapt')!r}")
         self.fallback = False
@@ -63,10 +71,24 @@ class GradientSteps(KeepsBest):
         self.factor = 1.0
         """What the sizes in ``steps`` are multiplied by (``adapt``; 1 otherwise): kept across visits."""
 
+    def check_units(self, names: list[str]) -> None:
+        unknown = sorted(set(self.option("mutation_units")) - set(names))
+        if unknown:
+            raise ValueError(f"gradient mutation_units names {', '.join(unknown)}, which the search has no unit "
+                             f"of: its units are {', '.join(names)} (the stem is one with search_stem=true)")
+
+    def _mutating(self) -> bool:
+        """Whether the unit being visited is searched by mutations alone (``mutation_units``)."""
+        return self.unit in self.option("mutation_units")
+
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
+        best = self._best()
+        if self._mutating():
+            self.fallback = False
+            return [mutate(best, self.eps, rng, self.config.relative_mutation)
+                    for _ in range(self.option("mutation_units")[self.unit])]
         if self.gradient is None:
             raise RuntimeError("the gradient strategy needs an evaluator with gradient (SuffixEvaluator has it)")
-        best = self._best()
         direction = self.gradient(best, float(self.option("fraction"))).double() * best.double()  # d fitness / d log s
         rms = float(direction.pow(2).mean().sqrt())
         self.fallback = not (math.isfinite(rms) and rms > 0)
@@ -80,7 +102,7 @@ class GradientSteps(KeepsBest):
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
         kept = self.keep(candidates, fitnesses)
-        if self.option("adapt") and not self.fallback:
+        if self.option("adapt") and not (self.fallback or self._mutating()):
             steps = list(self.option("steps"))
             if kept[steps.index(max(steps))]:
                 self.factor *= 2.0
