@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-only", action="store_true",
                         help="read no test image: report held-out top-1 only (to explore settings before committing "
                              "a pre-registration); needs --heldout-size")
+    parser.add_argument("--hold-test", action="store_true",
+                        help="measure the test top-1 but print held-out numbers only, so that a pick on held-out "
+                             "images is made before any test number is seen; --report prints them afterwards")
     parser.add_argument("--report", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args(argv)
     if args.report:
@@ -270,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--report: {args.out} does not exist; run the benchmark first or pass --out FILE")
         report(json.loads(Path(args.out).read_text()))
         return
-    if args.heldout_only and args.heldout_size <= 0:
-        parser.error("--heldout-only needs held-out images: give --heldout-size N (e.g. 5000)")
+    for flag, given in (("--heldout-only", args.heldout_only), ("--hold-test", args.hold_test)):
+        if given and args.heldout_size <= 0:
+            parser.error(f"{flag} needs held-out images: give --heldout-size N (e.g. 5000)")
     if not args.checkpoints:
         parser.error("--checkpoints is required (e.g. checkpoints/levit_fmnist.pth), unless --report")
     rows: list[dict[str, Any]] = []
@@ -292,11 +296,15 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rows, indent=1) + "\n")
-                scores = row if row["evolq"] is not None else row["heldout"]
+                held = row["evolq"] is None or args.hold_test
+                scores = row["heldout"] if held else row
                 print(f"{row['checkpoint']} W{w_bits}A{a_bits} seed {seed}: "
-                      + ("held-out " if row["evolq"] is None else f"FP {row['fp']['top1']:.2f} ")
+                      + ("held-out " if held else f"FP {row['fp']['top1']:.2f} ")
                       + f"baseline {scores['baseline']['top1']:.2f} Evol-Q {scores['evolq']['top1']:.2f} "
                       f"({row['search_s']:.0f} s search)", flush=True)
+    if args.hold_test:
+        print(f"test numbers held back: read them after the pick with --report --out {out}")
+        return
     report(rows)
 
 

@@ -27,9 +27,10 @@ EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
 
 
 SUFFIXES = {"search_jointly=true": "-joint", "search_head=true": "-head", "strategy.steps=[0.1,0.3]": "-large",
-            "search_mlp=true": "-mlp"}
+            "search_mlp=true": "-mlp", "strategy.mutation_units={stem:4}": "-stem4",
+            "strategy.mutation_units={stem:2}": "-stem2"}
 """Settings that tell candidates of one strategy apart (round 4's one unit for the whole model and the head, round
-3's larger steps, round 2's MLP scales), in name order."""
+3's larger steps, round 2's MLP scales, round 5's stem mutations per pass), in name order."""
 
 
 def label(row: dict[str, Any]) -> str | None:

@@ -96,9 +96,12 @@ def test_sigkill_then_fit_ckpt_path_last_ends_bitwise_identical(tmp_path, tiny_v
         deadline = time.monotonic() + 240
         try:
             while time.monotonic() < deadline and proc.poll() is None:
-                if last.is_file() and load(last)["global_step"] >= 2:  # atomic saves: never a half-written file
-                    proc.send_signal(signal.SIGKILL)
-                    break
+                if last.is_file():  # held still while its checkpoint is read, so a loaded machine cannot let it
+                    proc.send_signal(signal.SIGSTOP)  # run to the end between the read and the kill
+                    if load(last)["global_step"] >= 2:  # atomic saves: never a half-written file
+                        proc.send_signal(signal.SIGKILL)
+                        break
+                    proc.send_signal(signal.SIGCONT)
                 time.sleep(0.01)
         finally:
             proc.kill()

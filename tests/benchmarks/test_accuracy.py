@@ -85,11 +85,16 @@ def test_selection_picks_on_heldout_images_never_on_the_test_set():
 def test_heldout_rows_report_heldout_top1_and_the_pick(tiny_vit_checkpoint, tmp_path, capsys):
     out = tmp_path / "acc.json"
     main(["--checkpoints", tiny_vit_checkpoint, "--bits", "3:8", "--seeds", "0", "--passes", "1", "--calib-size",
-          "100", "--heldout-size", "200", "--device", "cpu", "--out", str(out), "--set", "eps=0.003"])
+          "100", "--heldout-size", "200", "--device", "cpu", "--out", str(out), "--set", "eps=0.003", "--hold-test"])
     (row,) = json.loads(out.read_text())
     assert row["settings"] == "eps=0.003 heldout_size=200"
     for which in ("baseline", "evolq"):
         assert 0.0 <= row["heldout"][which]["top1"] <= 100.0
+    held = capsys.readouterr().out  # --hold-test: the test top-1 is measured but not printed before the pick
+    assert f"held-out baseline {row['heldout']['baseline']['top1']:.2f} Evol-Q {row['heldout']['evolq']['top1']:.2f}" \
+        in held and "test numbers held back" in held
+    assert "| model |" not in held and "FP" not in held
+    main(["--report", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "Chosen on held-out train images" in printed and "| eps=0.003 heldout_size=200" not in printed
     assert "1 passes, 100 images eps=0.003 heldout_size=200 |" in printed.split("Chosen")[1]

@@ -49,6 +49,9 @@ def test_a_later_rounds_pick_replaces_the_standing_one_only_beyond_the_noise():
     assert set(large[("m.pth", 2)]) == {"gradient-large-mlp"}
     joint = groups([_row("gradient", 0, 84.0, 85.0, settings="search_head=true search_jointly=true search_mlp=true")])
     assert set(joint[("m.pth", 2)]) == {"gradient-joint-head-mlp"}
+    stem = groups([_row("gradient", 0, 84.0, 85.0, settings="search_head=true search_jointly=true search_stem=true "
+                        "strategy.mutation_units={stem:4}")])
+    assert set(stem[("m.pth", 2)]) == {"gradient-joint-head-stem4"}
     chosen, how = pick(by_label, [0, 1, 2], ("gradient", "gradient-mlp"), 0.18, standing="multifidelity")
     assert chosen == "multifidelity" and "+0.15 over multifidelity: multifidelity stands" in how
     for r in rows[3:6]:
