@@ -24,8 +24,8 @@ from benchmarks.speed import machine, sync
 from evolq_pl.fitness import get_fitness
 from evolq_pl.models import PAPER_MODELS, create_fp_model, quantize_model
 from evolq_pl.quant.config import QuantConfig
-from evolq_pl.quant.modes import calibrate, quantization_disabled
-from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.quant.modes import calibrate
+from evolq_pl.search.evaluator import SuffixEvaluator, fp_teachers
 from evolq_pl.search.evolution import mutate
 
 
@@ -40,9 +40,8 @@ def build(args: argparse.Namespace, device: torch.device) -> SuffixEvaluator:
     images = torch.randn(args.images, chans, height, width, generator=torch.Generator().manual_seed(args.seed))
     batches = [b.to(device) for b in images.split(args.batch_size)]
     calibrate(qmodel, batches)
-    with torch.no_grad(), quantization_disabled(qmodel):
-        teachers = [qmodel(x).float() for x in batches]
-    return SuffixEvaluator(qmodel, qmodel.search_blocks(), batches, teachers, get_fitness("infonce"), device,
+    return SuffixEvaluator(qmodel, qmodel.search_blocks(), batches, fp_teachers(qmodel, batches),
+                           get_fitness("infonce"), device,
                            stack=args.candidates)
 
 

@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.accuracy import load_reference
 from evolq_pl.data import DEFAULT_FASHION_MNIST_ROOT, calibration_batches
-from evolq_pl.quant.modes import calibrate, quantization_disabled
-from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.quant.modes import calibrate
+from evolq_pl.search.evaluator import SuffixEvaluator, fp_teachers
 
 
 def measure(ckpt: str, w_bits: int, a_bits: int, args: argparse.Namespace) -> list[dict]:
@@ -31,9 +31,8 @@ def measure(ckpt: str, w_bits: int, a_bits: int, args: argparse.Namespace) -> li
     device = torch.device(args.device)
     batches = [x.to(device) for x in calibration_batches(data)]
     calibrate(module.qmodel, batches, fit_on=module.qconfig.fit_on, device=device)
-    with torch.no_grad(), quantization_disabled(module.qmodel):
-        teachers = [module.qmodel(x).float() for x in batches]
-    evaluator = SuffixEvaluator(module.qmodel, module.blocks, batches, teachers, module.fitness_fn, device)
+    evaluator = SuffixEvaluator(module.qmodel, module.blocks, batches, fp_teachers(module.qmodel, batches),
+                                module.fitness_fn, device)
     rows = []
     last = len(module.blocks) - 1
     for block in sorted({0, last // 2, last}):

@@ -45,8 +45,8 @@ from evolq_pl.quant import functional as QF
 from evolq_pl.quant.config import QuantConfig
 from evolq_pl.quant.fused import fused_kernels
 from evolq_pl.quant.layers import weight_cache_disabled
-from evolq_pl.quant.modes import calibrate, quantization_disabled
-from evolq_pl.search.evaluator import suffix_fitness
+from evolq_pl.quant.modes import calibrate
+from evolq_pl.search.evaluator import fp_teachers, suffix_fitness
 from evolq_pl.search.evolution import Population, generation, mutate
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.search.schedule import SearchConfig
@@ -276,8 +276,7 @@ def bench_model(name: str, n_images: int, args: argparse.Namespace, device: torc
     started = time.perf_counter()
     calibrate(qmodel, batches[: args.calib_batches])  # any calibration will do for timing
     calib_s = time.perf_counter() - started
-    with quantization_disabled(qmodel):  # fp32 like EvolQModule.on_fit_start (Lightning's autocast is off there)
-        teacher = [qmodel(x).float() for x in batches]
+    teacher = fp_teachers(qmodel, batches)  # fp32 like EvolQModule.on_fit_start (Lightning's autocast is off there)
     fitness_fn = get_fitness("infonce", 3.0)
     search = SearchConfig()
     blocks = qmodel.search_blocks()

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from evolq_pl import run_checks
 from evolq_pl.data import calibration_batches
-from evolq_pl.quant.modes import calibrate, quantization_disabled, quantizers, set_quantized
-from evolq_pl.search.evaluator import SuffixEvaluator
+from evolq_pl.quant.modes import calibrate, quantizers, set_quantized
+from evolq_pl.search.evaluator import SuffixEvaluator, fp_teachers
 
 
 class CalibratedTeacher(LightningModule):
@@ -55,8 +55,7 @@ class CalibratedTeacher(LightningModule):
         rank, world = self.global_rank, self.trainer.world_size
         run_checks.check_calibration_shards(len(self._calibration()), world)
         shard = [b.to(self.device) for b in self._calibration()[rank::world]]
-        with quantization_disabled(self.qmodel, keep_int_norm=self.hparams.teacher == "int_ln"):
-            teachers = [self.qmodel(x).float() for x in shard]
+        teachers = fp_teachers(self.qmodel, shard, keep_int_norm=self.hparams.teacher == "int_ln")
         reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
         self.teacher_id = run_checks.teacher_id(teachers, self._calibration_images(), reduce, self.device)
         return SuffixEvaluator(self.qmodel, self.blocks, shard, teachers, self.fitness_fn, self.device,

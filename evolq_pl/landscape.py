@@ -35,7 +35,7 @@ from PIL import Image
 
 from evolq_pl.fitness import FitnessAccumulator, FitnessFn, get_fitness
 from evolq_pl.models.base import QuantizedModel
-from evolq_pl.quant.modes import quantization_disabled
+from evolq_pl.search.evaluator import fp_teachers
 from evolq_pl.search.scales import ScaleVector
 from evolq_pl.trainer import quantized_model_for
 
@@ -98,8 +98,7 @@ class SuffixScorer:
         if not images:
             raise ValueError("the calibration loader yielded no batches: give calib_size >= 1")
         with torch.no_grad():
-            with quantization_disabled(qmodel, keep_int_norm=int_ln_teacher):
-                self.teacher = [qmodel(x).float() for x in images]
+            self.teacher = fp_teachers(qmodel, images, keep_int_norm=int_ln_teacher)
             with context():
                 self.inputs = [qmodel.forward_to(block, x) for x in images]
                 self.heldout = [(qmodel.forward_to(block, x.to(self.device)), y.to(self.device)) for x, y in heldout]

@@ -15,7 +15,17 @@ import torch.nn.functional as TF
 from evolq_pl.fitness import FitnessAccumulator, FitnessFn
 from evolq_pl.models.base import QuantizedModel, SearchBlock
 from evolq_pl.quant.layers import QConv2d, QLinear
+from evolq_pl.quant.modes import quantization_disabled
 from evolq_pl.search.scales import ScaleVector
+
+
+@torch.no_grad()
+def fp_teachers(qmodel: QuantizedModel, batches: Sequence[torch.Tensor], keep_int_norm: bool = False,
+                ) -> list[torch.Tensor]:
+    """What the fitness compares a candidate's logits with: the model's own with every quantizer off, in fp32, per
+    batch; ``keep_int_norm`` keeps integer LayerNorm on, as the original code's teacher does (``teacher: int_ln``)."""
+    with quantization_disabled(qmodel, keep_int_norm=keep_int_norm):
+        return [qmodel(x).float() for x in batches]
 
 
 @torch.no_grad()
