@@ -197,8 +197,9 @@ def test_a_joint_search_moves_every_blocks_and_the_heads_scales_in_each_visit(tm
 
 
 def test_the_stem_named_in_mutation_units_gets_mutations_and_the_joint_unit_the_gradient(tmp_path):
-    """The module tells the engine its unit names, so ``mutation_units: {stem: 3}`` reaches the stem's visits."""
-    options = {"mutation_units": {"stem": 3}, "adapt": True}
+    """The module tells the engine its unit names, so ``mutation_units: {stem: 3}`` reaches the stem's visits, whose
+    mutations are screened by the patch embedding's layer-local errors (``screen``: no evaluation counted)."""
+    options = {"mutation_units": {"stem": 3}, "adapt": True, "screen": 4}
     module = make_module(num_passes=2, num_cycles=1, search_head=True, search_jointly=True, search_stem=True,
                          strategy="gradient", fitness="kl", eps=0.01, relative_mutation=True,
                          strategy_options=options)
@@ -207,7 +208,7 @@ def test_the_stem_named_in_mutation_units_gets_mutations_and_the_joint_unit_the_
     assert module.engine.state.evaluations == 1 + 2 * 3 + 2 * (GRADIENT_COST + 2)
     assert module.current_fitness < module.baseline_fitness
     with pytest.raises(ValueError, match="mutation_units names stem, .*its units are all "):
-        make_module(search_jointly=True, strategy="gradient", strategy_options=options)
+        make_module(search_jointly=True, strategy="gradient", num_cycles=1, strategy_options=options)
 
 
 def test_fitness_options_all_run(tmp_path):

@@ -28,6 +28,15 @@ def fp_teachers(qmodel: QuantizedModel, batches: Sequence[torch.Tensor], keep_in
         return [qmodel(x).float() for x in batches]
 
 
+def _weight_rows(layer: QLinear | QConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer's flattened weight multiplies: a linear layer's input tokens, a convolution's input patches
+    (``unfold``, one row per output position), so that its output channel c is ``rows @ weight[c].flatten()``."""
+    if isinstance(layer, QConv2d):
+        patches = TF.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
 @torch.no_grad()
 def suffix_fitness(qmodel: QuantizedModel, start: int | None, inputs: list[torch.Tensor],
                    teachers: list[torch.Tensor], fitness_fn: FitnessFn, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -109,16 +118,18 @@ class SuffixEvaluator:
         """Per searched layer, the sum over calibration tokens of x xᵀ of its input x (over all processes), with the
         model as it stands: one forward over the cached inputs that stops once every searched layer has run."""
         layers = self.scales[block].layers
-        if not all(isinstance(layer, QLinear) for layer in layers):
-            raise TypeError("layer-local errors need Linear layers; this block has "
-                            + ", ".join(sorted({type(layer).__name__ for layer in layers})))
-        moments = [torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=self.device)
-                   for layer in layers]
+        odd = [layer for layer in layers if isinstance(layer, QConv2d) and (
+            layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str))]
+        if odd:
+            raise TypeError("layer-local errors need plain convolutions (one group, numeric zero padding); this "
+                            f"block has {odd[0]}")
+        moments = [torch.zeros(layer.weight[0].numel(), layer.weight[0].numel(), dtype=torch.float64,
+                               device=self.device) for layer in layers]
         seen: set[int] = set()
 
         def record(j: int):
             def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                x = _weight_rows(module, args[0].detach()).double()
                 moments[j] += x.T @ x
                 seen.add(j)
                 if len(seen) == len(layers):
@@ -139,7 +150,8 @@ class SuffixEvaluator:
     @torch.no_grad()
     def local_errors(self, block: int, candidates: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each candidate's error per scale: ‖X(ŵ_c − w_c)‖² summed over the calibration tokens X entering the
-        channel's layer, where ŵ_c is output channel c's weight quantized with that scale and w_c its FP weight.
+        channel's layer (a convolution's: its input patches), where ŵ_c is output channel c's weight quantized with
+        that scale and w_c its FP weight.
 
         A channel's output depends on its own scale only, so the errors are separable, and scoring one costs a
         small matrix product instead of a pass over the model (``(len(candidates), numel)``, float64).
@@ -152,7 +164,7 @@ class SuffixEvaluator:
             chunks = torch.split(scales.reshape(-1), vector.sizes)
             row = []
             for layer, moment, chunk in zip(vector.layers, self._moments, chunks, strict=True):
-                diff = (layer.weight_for_scale(chunk) - layer.weight.detach().float()).double()
+                diff = (layer.weight_for_scale(chunk) - layer.weight.detach().float()).double().flatten(1)
                 row.append(((diff @ moment) * diff).sum(dim=1).cpu())
             out[i] = torch.cat(row)
         return out

@@ -14,6 +14,7 @@ from evolq_pl.fitness import get_fitness
 from evolq_pl.models.levit import QuantLevit
 from evolq_pl.models.vit import QuantViT
 from evolq_pl.quant.config import QuantConfig
+from evolq_pl.quant.layers import QConv2d, QLinear
 from evolq_pl.quant.modes import calibrate, quantization_disabled
 from evolq_pl.search.evaluator import SuffixEvaluator
 from evolq_pl.search.evolution import mutate
@@ -100,10 +101,21 @@ def test_batched_evaluation_leaves_the_layers_as_they_were(evaluator):
     assert torch.equal(evaluator.qmodel.forward_from(block, x), evaluator.qmodel.forward_from(block, x.clone()))
 
 
-def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evaluator):
-    """For every searched layer of the block: ‖x ŵ_cᵀ − x w_cᵀ‖² over the calibration tokens x that reach the layer
-    with the model as it stands, per output channel c, ŵ_c quantized with the candidate's scale."""
-    block = len(evaluator.scales) - 3  # the last block (the stem after it has convolutions)
+def _fp_output(layer: QLinear | QConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with its FP weight, in float64; channels last, one row per token or output position."""
+    if isinstance(layer, QConv2d):
+        out = nn.functional.conv2d(x, layer.weight.double(), layer.bias.double(), layer.stride, layer.padding,
+                                   layer.dilation)
+        return out.movedim(1, -1).reshape(-1, out.shape[1])
+    return nn.functional.linear(x, layer.weight.double(), layer.bias.double())
+
+
+@pytest.mark.parametrize("unit", ["last block", "stem"])
+def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evaluator, unit):
+    """For every searched layer of the unit: ‖x ŵ_cᵀ − x w_cᵀ‖² over the calibration tokens x (a convolution's:
+    its input patches) that reach the layer with the model as it stands, per output channel c, ŵ_c quantized with
+    the candidate's scale."""
+    block = len(evaluator.scales) - (3 if unit == "last block" else 1)
     evaluator.start_block(block)
     layers, current = evaluator.scales[block].layers, evaluator.get(block)
     inputs: dict[int, list[torch.Tensor]] = {j: [] for j in range(len(layers))}
@@ -121,9 +133,11 @@ def test_local_errors_are_each_channels_output_error_against_its_fp_weight(evalu
         expected = []
         evaluator.apply(block, cand)
         for j, layer in enumerate(layers):
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[j]]).double()
+            conv = isinstance(layer, QConv2d)
+            x = torch.cat(inputs[j] if conv else [t.reshape(-1, t.shape[-1]) for t in inputs[j]]).double()
             with torch.no_grad():
-                diff = layer(x.float()).double() - nn.functional.linear(x, layer.weight.double(), layer.bias.double())
+                out = layer(x.float()).double()
+                diff = (out.movedim(1, -1).reshape(-1, out.shape[1]) if conv else out) - _fp_output(layer, x)
             expected.append((diff ** 2).sum(dim=0))
         torch.testing.assert_close(errors[i], torch.cat(expected), rtol=1e-3, atol=1e-7)  # float32 layer outputs
     evaluator.end_block(block)

@@ -20,8 +20,8 @@ CONFIG = SearchConfig(num_cycles=2, num_passes=2, eps=2e-2, strategy_options=OPT
 SIZES = (5, 3, 4)
 
 
-def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7, **options) -> SearchEngine:
-    config = SearchConfig(num_cycles=2, num_passes=2, eps=2e-2, strategy_options={**OPTIONS, **options})
+def make_engine(evaluator: ToyEvaluator | None = None, seed: int = 7, num_cycles: int = 2, **options) -> SearchEngine:
+    config = SearchConfig(num_cycles=num_cycles, num_passes=2, eps=2e-2, strategy_options={**OPTIONS, **options})
     return toy_engine(config, "gradient", seed, evaluator, SIZES)
 
 
@@ -125,11 +125,33 @@ def test_mutation_units_naming_no_unit_are_refused_with_the_units_there_are(unit
         make_engine(mutation_units=units)
 
 
-@pytest.mark.parametrize(("adapt", "units"), [(False, {}), (True, {}), (True, {"0": 2})])
-@pytest.mark.parametrize("stop_after", [1, 2, 7])
-def test_save_and_restore_continues_exactly(stop_after, adapt, units):
+def test_screened_mutations_take_each_scale_from_the_draw_with_the_lowest_local_error():
+    """With ``screen``, each mutation of a unit in ``mutation_units`` picks scale by scale among the current value
+    and ``screen`` mutations: never locally worse than the current scales, and no gradient is asked."""
+    strategy = GradientSteps(SearchConfig(num_cycles=1, eps=0.05, relative_mutation=True,
+                                          strategy_options={"mutation_units": {"stem": 2}, "screen": 8}))
+    best = torch.linspace(0.5, 1.5, 6)
+    target = best * torch.tensor([1.03, 0.97, 1.03, 0.97, 1.0, 1.02])
+    strategy.unit, strategy.gradient = "stem", None
+    strategy.local_errors = lambda pool: (torch.stack(pool) - target).abs().double()
+    strategy.start_visit(best, 1.0, 0.05, None)
+    candidates = strategy.ask(np.random.default_rng(0))
+    assert len(candidates) == 2 and not torch.equal(candidates[0], candidates[1])
+    for c in candidates:
+        assert ((c - target).abs() <= (best - target).abs()).all() and (c - target).abs().sum() < 0.5 * (
+            best - target).abs().sum()
+    strategy.local_errors = None
+    with pytest.raises(RuntimeError, match="gradient screen needs an evaluator with local_errors"):
+        strategy.ask(np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(("num_cycles", "options"), [(2, {}), (2, {"adapt": True}),
+                                                     (2, {"adapt": True, "mutation_units": {"0": 2}}),
+                                                     (1, {"mutation_units": {"0": 2}, "screen": 3})])
+@pytest.mark.parametrize("stop_after", [1, 2, 5])
+def test_save_and_restore_continues_exactly(stop_after, num_cycles, options):
     reference, ref_reports, resumed, reports = interrupt_and_resume(
-        lambda evaluator=None, seed=7: make_engine(evaluator, seed, adapt=adapt, mutation_units=units), stop_after)
+        lambda evaluator=None, seed=7: make_engine(evaluator, seed, num_cycles, **options), stop_after)
     assert [r.fitnesses for r in reports] == [r.fitnesses for r in ref_reports]
     assert all(torch.equal(resumed.evaluator.get(b), reference.evaluator.get(b)) for b in range(len(SIZES)))
     assert same_state(resumed.state_dict(), reference.state_dict())
@@ -153,6 +175,9 @@ def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
     ({"mutants": -1}, "mutants must be a whole number >= 0, got -1"),
     ({"mutation_units": ["stem"]}, "mutation_units must map unit names to mutations per generation .* got \\['stem'\\]"),
     ({"mutation_units": {"stem": 0}}, "mutation_units must map unit names to mutations per generation"),
+    ({"screen": -1}, "screen must be a whole number >= 0, got -1"),
+    ({"screen": 4}, "give mutation_units too"),
+    ({"screen": 4, "mutation_units": {"stem": 1}}, "num_cycles must be 1, got 3"),
 ])
 def test_bad_settings_say_what_to_fix(options, message):
     with pytest.raises(ValueError, match=message):

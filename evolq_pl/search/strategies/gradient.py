@@ -17,7 +17,9 @@ With ``mutants``, each generation also scores that many of the paper's mutations
 block's eps, relative with ``relative_mutation``), for units whose fitness no gradient step lowers: a stem, whose
 landscape is too jagged at every step size measured. With ``mutation_units`` (e.g. ``{stem: 4}``), the units named
 there are searched by that many mutations per generation alone, without a gradient (nor its cost): the stem gets
-what lowers its fitness, the rest of the model the steps (benchmarks/RESULTS.md, "LeViT's stem").
+what lowers its fitness, the rest of the model the steps (benchmarks/RESULTS.md, "LeViT's stem"). With ``screen``,
+each of those mutations becomes ``localscreen``'s recombination of that many: per scale, the value with the lowest
+layer-local error (a convolution's output channel against its FP weight's, on its calibration inputs).
 
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
@@ -35,17 +37,20 @@ import torch
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies.base import KeepsBest
+from evolq_pl.search.strategies.localscreen import screened_mutation
 
 
 class GradientSteps(KeepsBest):
     """Steps of a few relative sizes against the straight-through gradient of the fitness; keep the best."""
 
     name = "gradient"
-    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0, "mutation_units": {}}
+    options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0, "mutation_units": {},
+               "screen": 0}
     """``steps``: the relative sizes tried per generation (root-mean-square change of the log scales);
     ``fraction``: the share of the calibration batches the gradient is taken on; ``adapt``: scale the sizes by
     what the last generations kept; ``mutants``: mutations scored beside the steps in each generation;
-    ``mutation_units``: unit name -> mutations per generation, for units searched by mutations alone."""
+    ``mutation_units``: unit name -> mutations per generation, for units searched by mutations alone; ``screen``:
+    mutations each of those picks from per scale by layer-local error (0: plain mutations)."""
 
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
@@ -64,6 +69,15 @@ class GradientSteps(KeepsBest):
                 n, bool) and n >= 1 for k, n in units.items()):
             raise ValueError(f"gradient mutation_units must map unit names to mutations per generation (whole "
                              f"numbers >= 1), got {units!r}; e.g. {{stem: 4}}")
+        screen = self.option("screen")
+        if isinstance(screen, bool) or not isinstance(screen, int) or screen < 0:
+            raise ValueError(f"gradient screen must be a whole number >= 0, got {screen!r}; e.g. 16")
+        if screen and not units:
+            raise ValueError("gradient screen recombines the mutations of the units in mutation_units, and there "
+                             "are none: give mutation_units too, e.g. {stem: 4}")
+        if screen and config.num_cycles != 1:
+            raise ValueError(f"gradient screen reads the layers' inputs once per visit, so num_cycles must be 1, "
+                             f"got {config.num_cycles}")
         if not isinstance(self.option("adapt"), bool):
             raise ValueError(f"gradient adapt must be true or false, got {self.option('adapt')!r}")
         self.fallback = False
@@ -85,8 +99,13 @@ class GradientSteps(KeepsBest):
         best = self._best()
         if self._mutating():
             self.fallback = False
-            return [mutate(best, self.eps, rng, self.config.relative_mutation)
-                    for _ in range(self.option("mutation_units")[self.unit])]
+            count, screen, relative = (self.option("mutation_units")[self.unit], self.option("screen"),
+                                       self.config.relative_mutation)
+            if not screen:
+                return [mutate(best, self.eps, rng, relative) for _ in range(count)]
+            if self.local_errors is None:
+                raise RuntimeError("gradient screen needs an evaluator with local_errors (SuffixEvaluator has it)")
+            return [screened_mutation(best, screen, self.eps, relative, rng, self.local_errors) for _ in range(count)]
         if self.gradient is None:
             raise RuntimeError("the gradient strategy needs an evaluator with gradient (SuffixEvaluator has it)")
         direction = self.gradient(best, float(self.option("fraction"))).double() * best.double()  # d fitness / d log s

@@ -12,6 +12,7 @@ the block's current fitness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,15 @@ import torch
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig
 from evolq_pl.search.strategies.base import KeepsBest
+
+
+def screened_mutation(best: torch.Tensor, screen: int, eps: float, relative: bool, rng: np.random.Generator,
+                      local_errors: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """One candidate: scale by scale, the value with the lowest layer-local error among ``best``'s and ``screen`` of
+    the paper's mutations of it (the current value wins a tie)."""
+    pool = [best] + [mutate(best, eps, rng, relative) for _ in range(screen)]
+    choice = local_errors(pool).argmin(dim=0)
+    return torch.stack(pool).gather(0, choice.unsqueeze(0).to(best.device)).squeeze(0)
 
 
 class LocalScreen(KeepsBest):
@@ -45,15 +55,10 @@ class LocalScreen(KeepsBest):
         best = self._best()
         if self.local_errors is None:
             raise RuntimeError("localscreen needs an evaluator with local_errors (SuffixEvaluator has it)")
-        out = []
-        for _ in range(self.option("candidates")):
-            pool = [best] + [mutate(best, self.eps, rng, self.config.relative_mutation)
-                             for _ in range(self.option("screen"))]
-            errors = self.local_errors(pool)
-            choice = errors.argmin(dim=0)  # per scale; the current value (row 0) wins a tie
-            out.append(torch.stack(pool).gather(0, choice.unsqueeze(0).to(best.device)).squeeze(0))
-            self.screened += len(pool) - 1
-        return out
+        screen = self.option("screen")
+        self.screened += screen * self.option("candidates")
+        return [screened_mutation(best, screen, self.eps, self.config.relative_mutation, rng, self.local_errors)
+                for _ in range(self.option("candidates"))]
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
         return self.keep(candidates, fitnesses)
