@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import cli_main
+from evolq_pl.module import EvolQModule
 from evolq_pl.testing import TINY_VIT_KWARGS, TINY_VIT_NAME
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
@@ -22,6 +24,16 @@ def test_every_shipped_config_parses(config, capsys):
         cli_main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "model_name" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "checkpoint_path: checkpoints/" in c.read_text()],
+                         ids=lambda p: p.name)
+def test_every_config_of_a_shipped_checkpoint_builds_its_search(config, monkeypatch):
+    """Beyond parsing: the model section builds its module, so its strategy options and units fit together (a
+    strategy option naming a unit the search lacks is refused only there)."""
+    monkeypatch.chdir(config.parents[1])  # the configs name the shipped checkpoints from the repository root
+    module = EvolQModule(**yaml.safe_load(config.read_text())["model"])
+    assert module.engine.num_visits >= 1 and module.engine.names == [b.name for b in module.blocks]
 
 
 @pytest.mark.parametrize("name", ["w4_vit_base.yaml", "w4_vit_base"])
