@@ -19,7 +19,8 @@ landscape is too jagged at every step size measured. With ``mutation_units`` (e.
 there are searched by that many mutations per generation alone, without a gradient (nor its cost): the stem gets
 what lowers its fitness, the rest of the model the steps (benchmarks/RESULTS.md, "LeViT's stem"). With ``screen``,
 each of those mutations becomes ``localscreen``'s recombination of that many: per scale, the value with the lowest
-layer-local error (a convolution's output channel against its FP weight's, on its calibration inputs).
+layer-local error (a convolution's output channel against its FP weight's, on its calibration inputs). On LeViT's
+stem it did not help (benchmarks/RESULTS.md, "Round 5"): it stays for research, not in a pick.
 
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
