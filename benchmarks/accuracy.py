@@ -80,6 +80,16 @@ class Snapshots(Callback):
             self.taken.append((visit, engine.state.evaluations, engine.snapshot()))
 
 
+def along_search(module: EvolQModule, snapshots: Snapshots, loader, fp_logits: torch.Tensor, labels: torch.Tensor,
+                 device: torch.device, start: dict[str, float]) -> list[tuple[int, float, dict[str, float]]]:
+    """(visit, evaluations, scores) from the baseline's ``start`` through each snapshot, scored on ``loader``."""
+    points = [(0, 1, start)]
+    for visit, evaluations, snapshot in snapshots.taken:
+        with module.engine.applied(snapshot):
+            points.append((visit, evaluations, compare(test_logits(module, loader, device)[0], fp_logits, labels)))
+    return points
+
+
 def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One row: FP, calibrated baseline and Evol-Q on the same calibration draw."""
     device = torch.device(args.device)
@@ -112,11 +122,13 @@ def run_one(ckpt: str, w_bits: int, a_bits: int, seed: int, args: argparse.Names
     searched = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels) if test else None
     extra: dict[str, Any] = {"strategy": module.hparams.strategy, "evaluations": module.engine.state.evaluations}
     if snapshots and test:  # test top-1 along the search (reported only: the search and every choice are already made)
-        extra["curve"] = [{"visit": 0, "evaluations": 1, "top1": baseline["top1"]}]
-        for visit, evaluations, snapshot in snapshots.taken:
-            with module.engine.applied(snapshot):
-                top1 = compare(test_logits(module, data.test_dataloader(), device)[0], fp_logits, labels)["top1"]
-            extra["curve"].append({"visit": visit, "evaluations": evaluations, "top1": top1})
+        extra["curve"] = [{"visit": visit, "evaluations": evaluations, "top1": scores["top1"]} for
+                          visit, evaluations, scores in along_search(module, snapshots, data.test_dataloader(),
+                                                                     fp_logits, labels, device, baseline)]
+    if snapshots and heldout:  # the same on held-out train images: where a search starts to overfit its calibration
+        extra["heldout_curve"] = [{"visit": visit, "evaluations": evaluations, **scores} for visit, evaluations, scores
+                                  in along_search(module, snapshots, data.val_dataloader(), fp_heldout,
+                                                  heldout_labels, device, baseline_heldout)]
     if heldout:
         extra["heldout"] = {"fp": compare(fp_heldout, fp_heldout, heldout_labels), "baseline": baseline_heldout,
                             "evolq": compare(
@@ -258,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(strategy.popsize=5)")
     parser.add_argument("--curve", type=int, default=0, metavar="N",
                         help="also record the test top-1 at about N points along the search (after every "
-                             "visits/N-th block visit), for the gap-recovered-against-evaluations plot")
+                             "visits/N-th block visit), for the gap-recovered-against-evaluations plot, and the "
+                             "held-out scores at the same points (heldout_curve; with --heldout-only too)")
     parser.add_argument("--out", default="benchmarks/accuracy.json")
     parser.add_argument("--heldout-only", action="store_true",
                         help="read no test image: report held-out top-1 only (to explore settings before committing "

@@ -112,9 +112,13 @@ def test_heldout_only_rows_never_open_the_test_split(tiny_vit_checkpoint, tmp_pa
     monkeypatch.setattr(FashionMNISTDataModule, "test_dataloader", no_test)
     out = tmp_path / "explore.json"
     main(["--checkpoints", tiny_vit_checkpoint, "--bits", "3:8", "--seeds", "0", "--passes", "1", "--calib-size",
-          "100", "--heldout-size", "200", "--heldout-only", "--device", "cpu", "--out", str(out)])
+          "100", "--heldout-size", "200", "--heldout-only", "--curve", "3", "--device", "cpu", "--out", str(out)])
     (row,) = json.loads(out.read_text())
     assert row["fp"] is row["baseline"] is row["evolq"] is None and "curve" not in row
+    curve = row["heldout_curve"]  # held-out scores along the search, from the baseline to the searched model
+    assert [p["visit"] for p in curve] == [0, 1, 2, 3] and curve[-1]["evaluations"] == row["evaluations"]
+    assert {k: curve[0][k] for k in row["heldout"]["baseline"]} == row["heldout"]["baseline"]
+    assert {k: curve[-1][k] for k in row["heldout"]["evolq"]} == row["heldout"]["evolq"]
     assert row["fitness_after"] <= row["fitness_before"] and 0.0 <= row["heldout"]["evolq"]["top1"] <= 100.0
     assert row["heldout"]["fp"]["top1"] > 0 and row["heldout"]["fp"]["agree_fp"] == 100.0
     assert "held-out only (no test image read)" in capsys.readouterr().out
