@@ -34,8 +34,18 @@ def default_eps(bits: int) -> float:
     return 1e-3
 
 
+def is_count(value: object, minimum: int = 0) -> bool:
+    """Whether a setting is a whole number >= ``minimum`` (a bool is not one, though Python counts it an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_share(value: object) -> bool:
+    """Whether a setting is a share of something in (0, 1] (a bool is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+
+
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value, 1):
         raise ValueError(
             f"SearchConfig.{name} must be an integer >= 1, got {value!r}; set it to a positive integer"
         )

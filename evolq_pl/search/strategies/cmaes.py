@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from evolq_pl.search.evolution import _MIN_SCALE
-from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.schedule import SearchConfig, is_count
 from evolq_pl.search.strategies.base import Strategy, keep_improvements
 
 
@@ -99,13 +99,13 @@ class CMAES(Strategy):
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
         popsize, sigma, diagonal = self.option("popsize"), self.option("sigma"), self.option("diagonal_above")
-        if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
+        if not is_count(popsize, 2):
             raise ValueError(f"cmaes popsize must be an integer >= 2, got {popsize!r}; e.g. strategy_options: "
                              "{popsize: 5}")
         if sigma is not None and not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"cmaes sigma must be a number > 0 (relative to the scales) or null, got {sigma!r}; "
                              "e.g. 0.03")
-        if isinstance(diagonal, bool) or not isinstance(diagonal, int) or diagonal < 0:
+        if not is_count(diagonal):
             raise ValueError(f"cmaes diagonal_above must be an integer >= 0, got {diagonal!r}")
         self.es: cma.CMAEvolutionStrategy | None = None
         self.start: torch.Tensor | None = None

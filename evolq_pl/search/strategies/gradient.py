@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from evolq_pl.search.evolution import mutate
-from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.schedule import SearchConfig, is_count, is_share
 from evolq_pl.search.strategies.base import KeepsBest
 from evolq_pl.search.strategies.localscreen import screened_mutation
 
@@ -60,18 +60,17 @@ class GradientSteps(KeepsBest):
                 or not all(isinstance(s, int | float) and not isinstance(s, bool) and 0 < s < 10 for s in steps)):
             raise ValueError(f"gradient steps must be a non-empty list of relative sizes in (0, 10), got {steps!r}; "
                              "e.g. [0.03, 0.1]")
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        if not is_share(fraction):
             raise ValueError(f"gradient fraction must be in (0, 1], got {fraction!r}; e.g. 1.0 (every batch)")
         mutants = self.option("mutants")
-        if isinstance(mutants, bool) or not isinstance(mutants, int) or mutants < 0:
+        if not is_count(mutants):
             raise ValueError(f"gradient mutants must be a whole number >= 0, got {mutants!r}; e.g. 2")
         units = self.option("mutation_units")
-        if not isinstance(units, dict) or not all(isinstance(k, str) and isinstance(n, int) and not isinstance(
-                n, bool) and n >= 1 for k, n in units.items()):
+        if not isinstance(units, dict) or not all(isinstance(k, str) and is_count(n, 1) for k, n in units.items()):
             raise ValueError(f"gradient mutation_units must map unit names to mutations per generation (whole "
                              f"numbers >= 1), got {units!r}; e.g. {{stem: 4}}")
         screen = self.option("screen")
-        if isinstance(screen, bool) or not isinstance(screen, int) or screen < 0:
+        if not is_count(screen):
             raise ValueError(f"gradient screen must be a whole number >= 0, got {screen!r}; e.g. 16")
         if screen and not units:
             raise ValueError("gradient screen recombines the mutations of the units in mutation_units, and there "

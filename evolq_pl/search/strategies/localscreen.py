@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from evolq_pl.search.evolution import mutate
-from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.schedule import SearchConfig, is_count
 from evolq_pl.search.strategies.base import KeepsBest
 
 
@@ -44,7 +44,7 @@ class LocalScreen(KeepsBest):
         super().__init__(config)
         for key in ("screen", "candidates"):
             value = self.option(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value, 1):
                 raise ValueError(f"localscreen {key} must be an integer >= 1, got {value!r}")
         if config.num_cycles != 1:
             raise ValueError(f"localscreen reads the layers' inputs once per visit, so num_cycles must be 1 (one "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from evolq_pl.search.evolution import mutate
-from evolq_pl.search.schedule import SearchConfig
+from evolq_pl.search.schedule import SearchConfig, is_count, is_share
 from evolq_pl.search.strategies.base import KeepsBest
 
 
@@ -34,11 +34,11 @@ class MultiFidelity(KeepsBest):
         super().__init__(config)
         screen, fraction, rescore = self.option("screen"), self.option("fraction"), self.option("rescore")
         for key, value in (("screen", screen), ("rescore", rescore)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value, 1):
                 raise ValueError(f"multifidelity {key} must be an integer >= 1, got {value!r}")
         if rescore > screen:
             raise ValueError(f"multifidelity rescore ({rescore}) cannot exceed screen ({screen})")
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        if not is_share(fraction):
             raise ValueError(f"multifidelity fraction must be in (0, 1], got {fraction!r}; e.g. 0.1 (one batch in 10)")
         if config.num_cycles % 2:
             raise ValueError(f"multifidelity alternates a screening and a re-scoring generation, so num_cycles must be "
