@@ -211,6 +211,35 @@ def test_the_stem_named_in_mutation_units_gets_mutations_and_the_joint_unit_the_
         make_module(search_jointly=True, strategy="gradient", num_cycles=1, strategy_options=options)
 
 
+def test_local_grid_gives_each_unit_one_locally_best_candidate_first_through_the_module(tmp_path):
+    """``local_grid`` reaches the real evaluator's layer-local errors (the stem's convolution and the joint unit's
+    linear layers): each unit's first generation scores one candidate, whose local error is no higher than the
+    calibrated scales', and the search goes on with mutations and steps."""
+    module = make_module(num_passes=2, num_cycles=1, search_head=True, search_jointly=True, search_stem=True,
+                         strategy="gradient", fitness="kl", eps=0.01, relative_mutation=True,
+                         strategy_options={"mutation_units": {"stem": 3}, "local_grid": [0.6, 0.8, 1.2]})
+    recorded: list[tuple[str, int, float, float]] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            engine = pl_module.engine
+            strategy, ask = engine.state.strategy, type(engine.state.strategy).ask
+
+            def spy(rng):
+                candidates = ask(strategy, rng)
+                if strategy.gridding:
+                    errors = strategy.local_errors([strategy.best()[0], candidates[0]]).sum(dim=1)
+                    recorded.append((strategy.unit, len(candidates), float(errors[0]), float(errors[1])))
+                return candidates
+            strategy.ask = spy
+
+    make_trainer(tmp_path, module, callbacks=[Record()]).fit(module, datamodule=make_data(module))
+    assert [(unit, count) for unit, count, _, _ in recorded] == [("stem", 1), ("all", 1)]
+    assert all(after < before for _, _, before, after in recorded)
+    assert module.engine.state.evaluations == 1 + 2 + 3 + (GRADIENT_COST + 2)
+    assert module.current_fitness <= module.baseline_fitness
+
+
 def test_fitness_options_all_run(tmp_path):
     for fitness in ("mse", "kl", "cosine"):
         module = make_module(num_passes=1, fitness=fitness)

@@ -145,9 +145,50 @@ def test_screened_mutations_take_each_scale_from_the_draw_with_the_lowest_local_
         strategy.ask(np.random.default_rng(0))
 
 
+def test_local_grid_scores_one_candidate_per_unit_first_each_scale_at_its_locally_best_multiple():
+    """With ``local_grid``, the first generation in each unit scores one candidate, no gradient and one evaluation:
+    every scale times the multiple (or 1) with the lowest layer-local error. Later visits of the unit take steps."""
+    grid = [0.8, 0.9, 1.1, 1.2]
+    engine = make_engine(local_grid=grid, adapt=True)
+    evaluator = engine.evaluator
+    asked: list[int] = []
+    gradient = evaluator.gradient
+    evaluator.gradient = lambda block, *args: asked.append(block) or gradient(block, *args)
+    multiples = torch.tensor([1.0, *grid])
+    asks: list[list[torch.Tensor]] = []
+    ask = engine.state.strategy.ask
+    engine.state.strategy.ask = lambda rng: asks.append(ask(rng)) or asks[-1]
+    reports = []
+    while not engine.done:
+        block, visit = engine.schedule[engine.next_visit], engine.next_visit
+        first = visit < len(SIZES) and engine.state.generation in (0, CONFIG.num_cycles)
+        expected = None
+        if first:
+            current = evaluator.get(block)
+            choice = ((current[None] * multiples[:, None] - evaluator.local_targets[block][None]) ** 2).argmin(0)
+            expected = current * multiples[choice]
+        before = len(asked)
+        report = engine.step()
+        reports.append(report)
+        if first:
+            assert len(report.fitnesses) == 1 and len(asked) == before and report.stats["step_factor"] == 1.0
+            assert torch.equal(asks[-1][0], expected) and not torch.equal(expected, current)
+        else:
+            assert len(report.fitnesses) == 2 and asked[-1] == block
+    assert sorted(engine.state.strategy.gridded) == ["0", "1", "2"]
+    gradients = engine.num_visits * CONFIG.num_cycles - len(SIZES)
+    assert engine.state.evaluations == pytest.approx(1 + len(SIZES) + gradients * (GRADIENT_COST * 0.5 + 2))
+    assert reports[0].accepted == 1  # the toy's local optimum is near its global one
+    strategy = GradientSteps(SearchConfig(strategy_options={"local_grid": grid}))
+    strategy.start_visit(torch.ones(3), 1.0, 0.01, None)
+    with pytest.raises(RuntimeError, match="local_grid needs an evaluator with local_errors"):
+        strategy.ask(np.random.default_rng(0))
+
+
 @pytest.mark.parametrize(("num_cycles", "options"), [(2, {}), (2, {"adapt": True}),
                                                      (2, {"adapt": True, "mutation_units": {"0": 2}}),
-                                                     (1, {"mutation_units": {"0": 2}, "screen": 3})])
+                                                     (1, {"mutation_units": {"0": 2}, "screen": 3}),
+                                                     (2, {"local_grid": [0.9, 1.1], "mutation_units": {"1": 2}})])
 @pytest.mark.parametrize("stop_after", [1, 2, 5])
 def test_save_and_restore_continues_exactly(stop_after, num_cycles, options):
     reference, ref_reports, resumed, reports = interrupt_and_resume(
@@ -178,6 +219,9 @@ def test_an_evaluator_without_a_gradient_is_refused_with_the_fix():
     ({"screen": -1}, "screen must be a whole number >= 0, got -1"),
     ({"screen": 4}, "give mutation_units too"),
     ({"screen": 4, "mutation_units": {"stem": 1}}, "num_cycles must be 1, got 3"),
+    ({"local_grid": 0.9}, "local_grid must be a list of multiples of a scale in \\(0, 10\\), got 0.9"),
+    ({"local_grid": [0.9, 0]}, "local_grid must be a list of multiples"),
+    ({"local_grid": [True]}, "local_grid must be a list of multiples"),
 ])
 def test_bad_settings_say_what_to_fix(options, message):
     with pytest.raises(ValueError, match=message):

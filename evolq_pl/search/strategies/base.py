@@ -59,6 +59,12 @@ class Strategy(ABC):
         """Refuse options that name a unit the search does not have; ``names``: every unit, in block order."""
         return None  # most strategies treat every unit alike
 
+    def require_local_errors(self, what: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """``local_errors``, or a one-line refusal naming ``what`` (the strategy or option) that needs them."""
+        if self.local_errors is None:
+            raise RuntimeError(f"{what} needs an evaluator with local_errors (SuffixEvaluator has it)")
+        return self.local_errors
+
     def option(self, key: str) -> Any:
         """A ``strategy_options`` value, or its default from ``options``."""
         return self.config.strategy_options.get(key, self.options[key])

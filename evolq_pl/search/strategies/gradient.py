@@ -22,6 +22,12 @@ each of those mutations becomes ``localscreen``'s recombination of that many: pe
 layer-local error (a convolution's output channel against its FP weight's, on its calibration inputs). On LeViT's
 stem it did not help (benchmarks/RESULTS.md, "Round 5"): it stays for research, not in a pick.
 
+With ``local_grid`` (multiples of a scale, e.g. 0.5 to 1.2), the first generation in each unit scores one candidate
+only: every scale times the multiple in that list with the lowest layer-local error (``localscreen.grid_start``).
+The global fitness decides, as for every candidate. It costs one evaluation per unit and lands where no small step
+reaches: on LeViT's stem at W3A8 it lowered the calibration KL from 0.074 to 0.024 (benchmarks/RESULTS.md, "Round
+6").
+
 Cost: the engine counts a gradient on a share f of the calibration set as ``GRADIENT_COST * f`` evaluations
 (``search/engine.py``), so a generation with a full-set gradient and 2 steps costs 6. At ``num_passes: 5`` and
 ``num_cycles: 1`` that is the paper's 3 evaluations per visit at 10 passes.
@@ -38,7 +44,7 @@ import torch
 from evolq_pl.search.evolution import mutate
 from evolq_pl.search.schedule import SearchConfig, is_count, is_share
 from evolq_pl.search.strategies.base import KeepsBest
-from evolq_pl.search.strategies.localscreen import screened_mutation
+from evolq_pl.search.strategies.localscreen import grid_start, screened_mutation
 
 
 class GradientSteps(KeepsBest):
@@ -46,12 +52,13 @@ class GradientSteps(KeepsBest):
 
     name = "gradient"
     options = {"steps": [0.03, 0.1], "fraction": 1.0, "adapt": False, "mutants": 0, "mutation_units": {},
-               "screen": 0}
+               "screen": 0, "local_grid": []}
     """``steps``: the relative sizes tried per generation (root-mean-square change of the log scales);
     ``fraction``: the share of the calibration batches the gradient is taken on; ``adapt``: scale the sizes by
     what the last generations kept; ``mutants``: mutations scored beside the steps in each generation;
     ``mutation_units``: unit name -> mutations per generation, for units searched by mutations alone; ``screen``:
-    mutations each of those picks from per scale by layer-local error (0: plain mutations)."""
+    mutations each of those picks from per scale by layer-local error (0: plain mutations); ``local_grid``: the
+    multiples of each scale the first generation in a unit picks from by layer-local error ([]: none)."""
 
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
@@ -78,12 +85,21 @@ class GradientSteps(KeepsBest):
         if screen and config.num_cycles != 1:
             raise ValueError(f"gradient screen reads the layers' inputs once per visit, so num_cycles must be 1, "
                              f"got {config.num_cycles}")
+        grid = self.option("local_grid")
+        if not isinstance(grid, list | tuple) or not all(
+                isinstance(m, int | float) and not isinstance(m, bool) and 0 < m < 10 for m in grid):
+            raise ValueError(f"gradient local_grid must be a list of multiples of a scale in (0, 10), got {grid!r}; "
+                             "e.g. [0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2]")
         if not isinstance(self.option("adapt"), bool):
             raise ValueError(f"gradient adapt must be true or false, got {self.option('adapt')!r}")
         self.fallback = False
         """Whether the last ``ask`` fell back to a mutation (the gradient was zero or not finite)."""
         self.factor = 1.0
         """What the sizes in ``steps`` are multiplied by (``adapt``; 1 otherwise): kept across visits."""
+        self.gridded: list[str] = []
+        """The units whose ``local_grid`` candidate has been scored (once each, in their first generation)."""
+        self.gridding = False
+        """Whether the last ``ask`` was a unit's ``local_grid`` candidate."""
 
     def check_units(self, names: list[str]) -> None:
         unknown = sorted(set(self.option("mutation_units")) - set(names))
@@ -97,15 +113,18 @@ class GradientSteps(KeepsBest):
 
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         best = self._best()
+        self.gridding = bool(self.option("local_grid")) and str(self.unit) not in self.gridded
+        if self.gridding:
+            self.fallback = False
+            return [grid_start(best, list(self.option("local_grid")), self.require_local_errors("gradient local_grid"))]
         if self._mutating():
             self.fallback = False
             count, screen, relative = (self.option("mutation_units")[self.unit], self.option("screen"),
                                        self.config.relative_mutation)
             if not screen:
                 return [mutate(best, self.eps, rng, relative) for _ in range(count)]
-            if self.local_errors is None:
-                raise RuntimeError("gradient screen needs an evaluator with local_errors (SuffixEvaluator has it)")
-            return [screened_mutation(best, screen, self.eps, relative, rng, self.local_errors) for _ in range(count)]
+            local_errors = self.require_local_errors("gradient screen")
+            return [screened_mutation(best, screen, self.eps, relative, rng, local_errors) for _ in range(count)]
         if self.gradient is None:
             raise RuntimeError("the gradient strategy needs an evaluator with gradient (SuffixEvaluator has it)")
         direction = self.gradient(best, float(self.option("fraction"))).double() * best.double()  # d fitness / d log s
@@ -121,6 +140,9 @@ class GradientSteps(KeepsBest):
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
         kept = self.keep(candidates, fitnesses)
+        if self.gridding:
+            self.gridded.append(str(self.unit))
+            return kept
         if self.option("adapt") and not (self.fallback or self._mutating()):
             steps = list(self.option("steps"))
             if kept[steps.index(max(steps))]:
@@ -135,9 +157,11 @@ class GradientSteps(KeepsBest):
         return {"fallback": float(self.fallback), "step_factor": self.factor}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "fallback": self.fallback, "factor": self.factor}
+        return {**super().state_dict(), "fallback": self.fallback, "factor": self.factor,
+                "gridded": list(self.gridded)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.fallback = bool(state["fallback"])
         self.factor = float(state.get("factor", 1.0))  # checkpoints from before adapt have none
+        self.gridded = list(state.get("gridded", []))  # nor from before local_grid

@@ -23,13 +23,28 @@ from evolq_pl.search.schedule import SearchConfig, is_count
 from evolq_pl.search.strategies.base import KeepsBest
 
 
+def per_scale_best(pool: list[torch.Tensor], local_errors: Callable[[list[torch.Tensor]], torch.Tensor]
+                   ) -> torch.Tensor:
+    """Scale by scale, the value among ``pool``'s vectors with the lowest layer-local error (the earlier wins a
+    tie): separable, since a channel's output depends on its own scale only."""
+    choice = local_errors(pool).argmin(dim=0)
+    return torch.stack(pool).gather(0, choice.unsqueeze(0).to(pool[0].device)).squeeze(0)
+
+
 def screened_mutation(best: torch.Tensor, screen: int, eps: float, relative: bool, rng: np.random.Generator,
                       local_errors: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
     """One candidate: scale by scale, the value with the lowest layer-local error among ``best``'s and ``screen`` of
     the paper's mutations of it (the current value wins a tie)."""
-    pool = [best] + [mutate(best, eps, rng, relative) for _ in range(screen)]
-    choice = local_errors(pool).argmin(dim=0)
-    return torch.stack(pool).gather(0, choice.unsqueeze(0).to(best.device)).squeeze(0)
+    return per_scale_best([best] + [mutate(best, eps, rng, relative) for _ in range(screen)], local_errors)
+
+
+def grid_start(best: torch.Tensor, grid: list[float],
+               local_errors: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """One candidate: each scale times the multiple in ``grid`` with the lowest layer-local error (the current
+    value, 1, wins a tie). At 2-4 bits a min-max scale wastes grid levels on a row's extremes; a smaller multiple
+    that clips them often gives the channel's output a far lower error, a jump no small mutation makes."""
+    multiples = [1.0] + [float(m) for m in grid if m != 1]
+    return per_scale_best([best * m for m in multiples], local_errors)
 
 
 class LocalScreen(KeepsBest):
@@ -53,11 +68,10 @@ class LocalScreen(KeepsBest):
 
     def ask(self, rng: np.random.Generator) -> list[torch.Tensor]:
         best = self._best()
-        if self.local_errors is None:
-            raise RuntimeError("localscreen needs an evaluator with local_errors (SuffixEvaluator has it)")
+        local_errors = self.require_local_errors("localscreen")
         screen = self.option("screen")
         self.screened += screen * self.option("candidates")
-        return [screened_mutation(best, screen, self.eps, self.config.relative_mutation, rng, self.local_errors)
+        return [screened_mutation(best, screen, self.eps, self.config.relative_mutation, rng, local_errors)
                 for _ in range(self.option("candidates"))]
 
     def tell(self, candidates: list[torch.Tensor], fitnesses: list[float]) -> list[bool]:
