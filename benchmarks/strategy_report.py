@@ -27,17 +27,19 @@ EVOLQ = {"eps=0.001 heldout_size=5000": "evolq (paper: infoNCE, eps 1e-3)",
 
 
 SUFFIXES = {"search_jointly=true": "-joint", "search_head=true": "-head", "strategy.steps=[0.1,0.3]": "-large",
-            "search_mlp=true": "-mlp", "strategy.mutation_units={stem:4}": "-stem4",
-            "strategy.mutation_units={stem:2}": "-stem2"}
+            "search_mlp=true": "-mlp", "search_stem=true": "-stem", "strategy.mutation_units={stem:4}": "4",
+            "strategy.mutation_units={stem:2}": "2", "strategy.local_grid=": "-grid"}
 """Settings that tell candidates of one strategy apart (round 4's one unit for the whole model and the head, round
-3's larger steps, round 2's MLP scales, round 5's stem mutations per pass), in name order."""
+3's larger steps, round 2's MLP scales, round 5's stem and its mutations per pass, round 6's grid), in name order;
+a key ending in ``=`` stands for any value."""
 
 
 def label(row: dict[str, Any]) -> str | None:
     """The strategy a row ran: a candidate's name, one of the evolq comparison settings, or None (not compared)."""
     if row.get("strategy", "evolq") != "evolq":
         settings = row.get("settings", "").split()
-        return row["strategy"] + "".join(suffix for pair, suffix in SUFFIXES.items() if pair in settings)
+        return row["strategy"] + "".join(suffix for pair, suffix in SUFFIXES.items() if any(
+            item == pair or (pair.endswith("=") and item.startswith(pair)) for item in settings))
     return EVOLQ.get(row.get("settings", ""))
 
 

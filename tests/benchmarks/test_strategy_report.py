@@ -52,6 +52,11 @@ def test_a_later_rounds_pick_replaces_the_standing_one_only_beyond_the_noise():
     stem = groups([_row("gradient", 0, 84.0, 85.0, settings="search_head=true search_jointly=true search_stem=true "
                         "strategy.mutation_units={stem:4}")])
     assert set(stem[("m.pth", 2)]) == {"gradient-joint-head-stem4"}
+    grid = groups([_row("gradient", s, 84.0, 85.0, settings=settings) for s, settings in enumerate([
+        "search_head=true search_jointly=true search_stem=true strategy.mutation_units={stem:4} "
+        "strategy.local_grid=[0.5,0.6,1.2]", "search_head=true search_mlp=true search_stem=true "
+        "strategy.local_grid=[0.8]"])])
+    assert set(grid[("m.pth", 2)]) == {"gradient-joint-head-stem4-grid", "gradient-head-mlp-stem-grid"}
     chosen, how = pick(by_label, [0, 1, 2], ("gradient", "gradient-mlp"), 0.18, standing="multifidelity")
     assert chosen == "multifidelity" and "+0.15 over multifidelity: multifidelity stands" in how
     for r in rows[3:6]:
