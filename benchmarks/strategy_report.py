@@ -8,7 +8,7 @@ share of the FP gap recovered against fitness evaluations (PNG and TensorBoard s
 The rule (benchmarks/preregistration_strategies.md): per model and W/A, the candidate with the best mean held-out
 top-1 over the seeds; a margin within ``--noise`` points is a tie, won by the first of ``--candidates``. Round 2
 (benchmarks/preregistration_gradient.md) adds ``--standing``: an earlier round's pick, which the new pick replaces
-only with a held-out margin above the noise.
+only with a held-out margin above the noise (one per model where they differ: each model takes the first it has).
 """
 
 from __future__ import annotations
@@ -113,12 +113,15 @@ def pick(by_label: dict[str, dict[int, dict[str, Any]]], seeds: list[int], candi
     return (chosen if replaces else standing), f"held-out {', '.join(others)} ({how}); {verdict}"
 
 
-def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, standing: str | None = None,
+def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, standing: tuple[str, ...] = (),
           kl_tie: float | None = None) -> str:
+    """The rows of every (model, width) with each one's pick; ``standing``: earlier picks, each group's the first
+    of them it has rows of (models of one round can have different standing picks)."""
     lines = ["| model | W/A | strategy | evaluations | held-out top-1 | test top-1 (base → searched) | Δ paired "
              "| gap recovered | search s | held-out pick |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (ckpt, w), by_label in grouped.items():
-        chosen, how = pick(by_label, seeds, candidates, noise, standing, kl_tie)
+        old = next((name for name in standing if name in by_label), None)
+        chosen, how = pick(by_label, seeds, candidates, noise, old, kl_tie)
         for name, rows in by_label.items():
             if not all(s in rows for s in seeds):
                 continue
@@ -129,8 +132,8 @@ def table(grouped, seeds: list[int], candidates: tuple[str, ...], noise: float, 
             sd = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
             evaluations = spent(rs[0])
             evaluations = "?" if evaluations is None else f"{evaluations:.0f}"
-            entered = name in candidates or name == standing
-            mark = f"**picked**: {how}" if name == chosen else ("not picked" if entered else "comparison")
+            mark = (f"**picked**: {how}" if name == chosen else "replaced" if name == old
+                    else "not picked" if name in candidates else "comparison")
             lines.append(
                 f"| {ckpt.removesuffix('_fmnist.pth')} | W{w}A8 | {name} | {evaluations} | "
                 f"{mean(r['heldout']['evolq']['top1'] for r in rs):.2f} | {base:.2f} → {top1:.2f} | "
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evolq", nargs="*", default=[], help="accuracy.py outputs holding the evolq rows")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="in pre-registered order")
-    parser.add_argument("--standing", default=None, help="an earlier round's pick, replaced only beyond the noise")
+    parser.add_argument("--standing", nargs="*", default=[],
+                        help="earlier rounds' picks, replaced only beyond the noise (per model: the first it has)")
     parser.add_argument("--noise", type=float, default=0.18, help="held-out margin (points) that counts as a tie")
     parser.add_argument("--kl-tie", type=float, default=None,
                         help="round 4's tie rule: a tie goes to the strategy whose held-out KL to FP is lower by "
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path} does not exist: run benchmarks.accuracy first or drop it from the list")
         rows += json.loads(Path(path).read_text())
     grouped = groups(rows)
-    print(table(grouped, args.seeds, tuple(args.candidates), args.noise, args.standing, args.kl_tie))
+    print(table(grouped, args.seeds, tuple(args.candidates), args.noise, tuple(args.standing), args.kl_tie))
     for problem in baseline_check(grouped, args.seeds):
         print("BASELINE MISMATCH:", problem)
     if args.png:

@@ -36,6 +36,22 @@ def test_a_candidate_missing_a_seed_cannot_be_picked_and_differing_baselines_are
     assert len(baseline_check(grouped, [0, 1, 2])) == 2  # seeds 0 and 1 start from different baselines
 
 
+def test_each_model_is_judged_against_its_own_standing_pick():
+    """Round 6: one command for two models whose standing picks differ; each group takes the first standing name
+    it has rows of, so one model's candidate is not held against the other's pick."""
+    grid = " strategy.local_grid=[0.5]"
+    models = (("a_fmnist.pth", "search_head=true", 85.0, 85.5), ("b_fmnist.pth", "search_mlp=true", 86.0, 86.1))
+    rows = [{**_row("gradient", s, heldout, test, settings=settings + extra), "checkpoint": ckpt}
+            for ckpt, settings, old, new in models for s in range(3)
+            for extra, heldout, test in (("", old, 81.0), (grid, new, 82.0))]
+    out = table(groups(rows), [0, 1, 2], ("gradient-head-grid", "gradient-mlp-grid"), 0.18,
+                standing=("gradient-head", "gradient-mlp"))
+    assert "| a | W2A8 | gradient-head-grid |" in out and "+0.50 over gradient-head: replaces it" in out
+    assert "| a | W2A8 | gradient-head | 361 | 85.00 | 80.00 → 81.00 | +1.00 ± 0.00 | 10% | 1 | replaced |" in out
+    assert "+0.10 over gradient-mlp: gradient-mlp stands" in out
+    assert "| b | W2A8 | gradient-mlp-grid | 361 | 86.10 | 80.00 → 82.00 | +2.00 ± 0.00 | 20% | 1 | not picked |" in out
+
+
 def test_a_later_rounds_pick_replaces_the_standing_one_only_beyond_the_noise():
     """Round 2: gradient and gradient with MLP scales (told apart by their settings), then the pick against round
     1's multifidelity, which stands unless the new pick's held-out margin exceeds the noise."""
