@@ -79,7 +79,8 @@ def test_two_processes_take_the_same_decisions_as_one(tmp_path, tiny_vit_checkpo
     ("--model.strategy", "localscreen", "--model.strategy_options", "{screen: 4, candidates: 2}",
      "--model.num_cycles", "1"),
     ("--model.strategy", "gradient", "--model.strategy_options",
-     "{steps: [0.03, 0.1], adapt: true, mutation_units: {stem: 2}, local_grid: [0.6, 0.8, 1.2]}", "--model.num_cycles", "1",
+     "{steps: [0.03, 0.1], adapt: true, mutation_units: {stem: 2}, local_grid: [0.6, 0.8, 1.2]}",
+     "--model.num_cycles", "1", "--model.num_passes", "3",
      "--model.search_head", "true", "--model.search_jointly", "true", "--model.search_stem", "true",
      "--model.eps", "0.01", "--model.relative_mutation", "true"),
 ], ids=["multifidelity", "localscreen", "gradient-joint-head-stem"])
@@ -88,7 +89,8 @@ def test_a_strategy_with_many_candidates_decides_alike_in_two_processes(tmp_path
     rank's first batch (the same two batches as one process's first two: the loader deals batches round robin);
     localscreen's layer inputs and gradient's gradients are summed over the ranks; gradient runs as
     fmnist_levit_plus.yaml does, each unit's first candidate from the layer inputs of both ranks (local_grid), its
-    stem searched by mutations scored on each rank's images. (It ran for cmaes
+    stem searched by mutations scored on each rank's images (3 passes: on this random model the grid candidates are
+    not kept, so the first pass alone accepts nothing). (It ran for cmaes
     too, whose draws come from the engine's generator; one run is kept for the suite's time.)"""
     cli_main(run_args(tmp_path, tiny_vit_checkpoint, "one", *extra))
     log = tmp_path / "ddp.log"
