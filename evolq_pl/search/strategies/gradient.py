@@ -47,6 +47,12 @@ from evolq_pl.search.strategies.base import KeepsBest
 from evolq_pl.search.strategies.localscreen import grid_start, screened_mutation
 
 
+def _relative_sizes(values: object) -> bool:
+    """Whether a setting is a list of numbers in (0, 10): step sizes, or multiples of a scale (a bool is none)."""
+    return isinstance(values, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 10 for v in values)
+
+
 class GradientSteps(KeepsBest):
     """Steps of a few relative sizes against the straight-through gradient of the fitness; keep the best."""
 
@@ -63,8 +69,7 @@ class GradientSteps(KeepsBest):
     def __init__(self, config: SearchConfig) -> None:
         super().__init__(config)
         steps, fraction = self.option("steps"), self.option("fraction")
-        if (not isinstance(steps, list | tuple) or not steps
-                or not all(isinstance(s, int | float) and not isinstance(s, bool) and 0 < s < 10 for s in steps)):
+        if not steps or not _relative_sizes(steps):
             raise ValueError(f"gradient steps must be a non-empty list of relative sizes in (0, 10), got {steps!r}; "
                              "e.g. [0.03, 0.1]")
         if not is_share(fraction):
@@ -86,8 +91,7 @@ class GradientSteps(KeepsBest):
             raise ValueError(f"gradient screen reads the layers' inputs once per visit, so num_cycles must be 1, "
                              f"got {config.num_cycles}")
         grid = self.option("local_grid")
-        if not isinstance(grid, list | tuple) or not all(
-                isinstance(m, int | float) and not isinstance(m, bool) and 0 < m < 10 for m in grid):
+        if not _relative_sizes(grid):
             raise ValueError(f"gradient local_grid must be a list of multiples of a scale in (0, 10), got {grid!r}; "
                              "e.g. [0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2]")
         if not isinstance(self.option("adapt"), bool):
